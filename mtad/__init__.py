@@ -1,0 +1,3 @@
+"""mtad: a mail transfer agent in Python."""
+
+__version__ = "0.1.0"
