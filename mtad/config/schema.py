@@ -8,17 +8,70 @@ problem by its dotted key. Durations are strings ("30s", "5m", "2h", "5d") decod
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Annotated, Literal
 
 import msgspec
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
 class Duration(float):
     """Seconds, written in the config as "90s", "5m", "2h", "5d" (or a bare number of seconds)."""
 
+    @classmethod
+    def parse(cls, value: object) -> Duration:
+        """Decode a config value; ValueError (naming the accepted forms) when it is not one."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value) and value >= 0:
+                return cls(value)
+        elif isinstance(value, str):
+            match = _DURATION.fullmatch(value.strip())
+            if match:
+                return cls(float(match[1]) * _DURATION_UNITS[match[2] or "s"])
+        raise ValueError(f'expected a duration such as "500ms", "30s", "5m", "2h", "5d", got {show(value)}')
+
 
 class Size(int):
     """Bytes, written in the config as an integer or "512KB", "25MB", "8GiB"."""
+
+    @classmethod
+    def parse(cls, value: object) -> Size:
+        """Decode a config value (KB = 1000 bytes, KiB = 1024); ValueError when it is not one."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value >= 0:
+                return cls(value)
+        elif isinstance(value, str):
+            match = _SIZE.fullmatch(value.strip())
+            if match:
+                return cls(round(float(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()]))
+        raise ValueError(f'expected a size in bytes or such as "512KB", "25MB", "8GiB", got {show(value)}')
+
+
+class Within:
+    """Bounds of a Duration or Size field (msgspec.Meta only bounds builtin types)."""
+
+    def __init__(self, ge: float, le: float) -> None:
+        self.ge = ge
+        self.le = le
+
+
+def show(value: object) -> str:
+    """A config value as the operator wrote it, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return str(value)
 
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -36,20 +89,21 @@ class Server(_Table):
     """Banner, EHLO, Received and Message-ID domain, DSN reporting MTA."""
     spool_dir: str = "spool"
     """LMDB spool, SQLite state and the admin token. Relative paths are relative to the config file."""
-    shutdown_grace: Duration = Duration(30)
+    shutdown_grace: Annotated[Duration, Within(0, 3600)] = Duration(30)
     """How long SIGTERM waits for open SMTP sessions to finish before closing them."""
 
 
 class Listener(_Table):
     role: Role = "mx"
+    """mx: inbound, no relay; submission: 587, STARTTLS + AUTH; submissions: 465, implicit TLS."""
     address: str = "127.0.0.1:2525"
     """host:port, [v6]:port. Port 0 picks a free port (tests)."""
-    max_connections: Positive = 1000
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
     """Concurrent sessions on this listener; past it new connections get 421 4.3.2."""
 
 
 class Limits(_Table):
-    max_message_size: Size = Size(25 * 1024 * 1024)
+    max_message_size: Annotated[Size, Within(1024, 2**31)] = Size(25 * 1024 * 1024)
     """Largest message accepted (SIZE advertised; 552 5.3.4 past it)."""
     max_recipients: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 100
     """Recipients per message; past it 452 4.5.3."""
@@ -61,9 +115,9 @@ class Limits(_Table):
     """Errors in one session before the server answers 421 and closes it."""
     max_connections_per_ip: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50
     """Concurrent sessions from one client address, over all listeners; past it 421 4.7.0."""
-    idle_timeout: Duration = Duration(300)
+    idle_timeout: Annotated[Duration, Within(1, 86400)] = Duration(300)
     """A session that sends nothing for this long is closed with 421 4.4.2 (RFC 5321 4.5.3.2.7)."""
-    data_timeout: Duration = Duration(600)
+    data_timeout: Annotated[Duration, Within(1, 86400)] = Duration(600)
     """Longest wait for the next chunk of message data during DATA."""
     max_received_headers: Annotated[int, msgspec.Meta(ge=5, le=1000)] = 100
     """Hop limit: a message with more Received headers is refused as a loop (554 5.4.6)."""
@@ -100,18 +154,19 @@ class Route(_Table):
 class Dns(_Table):
     nameservers: list[str] = []
     """ip or ip:port; empty uses the system resolver."""
-    timeout: Duration = Duration(5)
+    timeout: Annotated[Duration, Within(0.01, 300)] = Duration(5)
+    """Per DNS query, before trying the next nameserver."""
 
 
 class Delivery(_Table):
-    max_queue_lifetime: Duration = Duration(5 * 86400)
+    max_queue_lifetime: Annotated[Duration, Within(60, 90 * 86400)] = Duration(5 * 86400)
     """Recipients still undelivered after this long expire and bounce."""
 
 
 class Spool(_Table):
-    map_size: Size = Size(8 * 1024**3)
+    map_size: Annotated[Size, Within(2**20, 2**50)] = Size(8 * 1024**3)
     """LMDB map size: the most the spool may hold. When full, new mail gets 452 4.3.1."""
-    commit_linger: Duration = Duration(0.002)
+    commit_linger: Annotated[Duration, Within(0, 1)] = Duration(0.002)
     """How long the writer waits for more writes to share one synced commit."""
     commit_max_batch: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 256
     """Most writes in one commit."""
@@ -119,7 +174,9 @@ class Spool(_Table):
 
 class Log(_Table):
     format: Literal["json", "console"] = "json"
+    """json: one JSON object per line (for the journal and log shippers); console: for humans."""
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe record written to the process log."""
     mail_log: str = ""
     """Where the mail log (one line per event) goes: empty for stdout, or a file path."""
 
