@@ -20,6 +20,19 @@ The public surface (implemented in store.py and writer.py; everything else is in
     spool.read_body(queue_id) -> bytes | None              (sync)
     spool.messages() -> Iterator[QueuedMessage]            (sync, queue id order, read txn)
     spool.count() -> int                                   (sync, messages queued now)
+    spool.due(until, limit=1000) -> list[(due, queue_id)]  (sync, due index: earliest first)
     spool.writable() -> bool                               writer alive and last commit ok
+    spool.commits, spool.committed_writes -> int           synced commits / writes they held
     await spool.close() -> None                            drain pending writes, stop the writer, close
+
+Refinements: update_recipients with an empty list removes the message (its last recipients
+left the queue). A held message has no due-index entry. One process at a time: Spool.open
+takes an flock on the directory and raises SpoolError when another process has it.
+spool/README.md describes the on-disk format for operators.
 """
+
+from .errors import SpoolError, SpoolFailed, SpoolFull
+from .recovery import RecoveryReport
+from .store import Spool
+
+__all__ = ["RecoveryReport", "Spool", "SpoolError", "SpoolFailed", "SpoolFull"]

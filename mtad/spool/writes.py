@@ -1,0 +1,174 @@
+"""The spool's write operations, each a re-runnable function of one LMDB write transaction.
+
+The writer thread calls these (bound with functools.partial) inside a group commit; the
+callers in store.py encode records on the loop first, so the thread only copies bytes. Every
+operation keeps the due index in step with the records it changes. `hold_recipients` is the
+pure state transition behind hold and release.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeAlias
+
+import lmdb
+import msgspec
+
+from mtad.records import Envelope, Recipient
+
+from . import codec
+from .env import Tables, recipient_values
+from .errors import CorruptRecord, SpoolError
+
+if TYPE_CHECKING:
+    Txn: TypeAlias = lmdb.Transaction[bytes]
+Body = bytes | memoryview
+
+
+def hold_recipients(recipients: Sequence[Recipient], held: bool, now: float) -> list[Recipient]:
+    """Recipients after an operator's hold or release.
+
+    Hold parks every recipient ("held"). Release returns held recipients to "queued", or to
+    "deferred" when their next attempt is still in the future, or to "scheduled" when it is in
+    the future and none was made yet (a send_at time). Recipients that were not held are left
+    as they are.
+    """
+    if held:
+        return [msgspec.structs.replace(r, state="held") for r in recipients]
+    released = []
+    for r in recipients:
+        if r.state == "held":
+            if r.next_attempt > now:
+                r = msgspec.structs.replace(r, state="deferred" if r.attempts else "scheduled")
+            else:
+                r = msgspec.structs.replace(r, state="queued")
+        released.append(r)
+    return released
+
+
+def put_message(
+    tables: Tables,
+    mkey: bytes,
+    envelope: bytes,
+    recipients: Sequence[bytes],
+    body: Body,
+    due: bytes | None,
+    txn: Txn,
+) -> None:
+    if not txn.put(mkey, envelope, overwrite=False, db=tables.envelope):
+        raise SpoolError(f"queue id {codec.queue_id_of(mkey)} is already in the spool")
+    txn.put(mkey, body, db=tables.body)
+    for index, value in enumerate(recipients):
+        txn.put(codec.recipient_key(mkey, index), value, db=tables.recipient)
+    if due is not None:
+        txn.put(due, b"", db=tables.due)
+
+
+def set_held(tables: Tables, mkey: bytes, held: bool, now: float, txn: Txn) -> bool:
+    loaded = _load(txn, tables, mkey)
+    if loaded is None:
+        return False
+    envelope, recipients = loaded
+    new_envelope = msgspec.structs.replace(envelope, held=held)
+    new_recipients = hold_recipients(recipients, held, now)
+    txn.put(mkey, codec.encode(new_envelope), db=tables.envelope)
+    _replace_recipients(txn, tables, mkey, [codec.encode(r) for r in new_recipients])
+    _move_due(txn, tables, codec.message_due_key(envelope, recipients, mkey),
+              codec.message_due_key(new_envelope, new_recipients, mkey))
+    return True
+
+
+def update_recipients(
+    tables: Tables, mkey: bytes, recipients: Sequence[Recipient], values: Sequence[bytes], txn: Txn
+) -> bool:
+    """Replace the message's recipients; an empty list removes the message (nobody is left)."""
+    loaded = _load(txn, tables, mkey)
+    if loaded is None:
+        return False
+    envelope, old = loaded
+    if not recipients:
+        _remove(txn, tables, mkey, codec.message_due_key(envelope, old, mkey))
+        return True
+    _replace_recipients(txn, tables, mkey, values)
+    _move_due(txn, tables, codec.message_due_key(envelope, old, mkey),
+              codec.message_due_key(envelope, recipients, mkey))
+    return True
+
+
+def delete(tables: Tables, mkey: bytes, txn: Txn) -> bool:
+    try:
+        loaded = _load(txn, tables, mkey)
+    except CorruptRecord:
+        # Cannot compute its due key: remove whatever is there and find the index entry by scan.
+        _remove(txn, tables, mkey, _scan_due(txn, tables, mkey))
+        return True
+    if loaded is None:
+        return False
+    envelope, recipients = loaded
+    _remove(txn, tables, mkey, codec.message_due_key(envelope, recipients, mkey))
+    return True
+
+
+def move_to_corrupt(tables: Tables, moves: Sequence[tuple[str, bytes]], txn: Txn) -> int:
+    """Move each (table, key) record to `corrupt`, raw bytes untouched. Returns how many moved."""
+    moved = 0
+    for table, key in moves:
+        db = tables.by_name(table)
+        value = txn.get(key, db=db)
+        if value is None:
+            continue
+        txn.put(codec.corrupt_key(table, key), value, db=tables.corrupt)
+        txn.delete(key, db=db)
+        moved += 1
+    return moved
+
+
+def fix_due(tables: Tables, stale: Sequence[bytes], missing: Sequence[bytes], txn: Txn) -> None:
+    """Bring the due index in step with the messages (recover() found it out of step)."""
+    for key in stale:
+        txn.delete(key, db=tables.due)
+    for key in missing:
+        txn.put(key, b"", db=tables.due)
+
+
+def _load(txn: Txn, tables: Tables, mkey: bytes) -> tuple[Envelope, list[Recipient]] | None:
+    raw = txn.get(mkey, db=tables.envelope)
+    if raw is None:
+        return None
+    envelope = codec.decode_envelope(raw)
+    return envelope, [codec.decode_recipient(value) for _, value in recipient_values(txn, tables, mkey)]
+
+
+def _replace_recipients(txn: Txn, tables: Tables, mkey: bytes, values: Sequence[bytes]) -> None:
+    new_keys = [codec.recipient_key(mkey, index) for index in range(len(values))]
+    # By existing key, not by count: recover() may have moved one recipient out of the middle.
+    for key, _ in recipient_values(txn, tables, mkey):
+        if key not in new_keys:
+            txn.delete(key, db=tables.recipient)
+    for key, value in zip(new_keys, values):
+        txn.put(key, value, db=tables.recipient)
+
+
+def _remove(txn: Txn, tables: Tables, mkey: bytes, due: bytes | None) -> None:
+    txn.delete(mkey, db=tables.envelope)
+    txn.delete(mkey, db=tables.body)
+    for key, _ in recipient_values(txn, tables, mkey):
+        txn.delete(key, db=tables.recipient)
+    if due is not None:
+        txn.delete(due, db=tables.due)
+
+
+def _move_due(txn: Txn, tables: Tables, old: bytes | None, new: bytes | None) -> None:
+    if old == new:
+        return
+    if old is not None:
+        txn.delete(old, db=tables.due)
+    if new is not None:
+        txn.put(new, b"", db=tables.due)
+
+
+def _scan_due(txn: Txn, tables: Tables, mkey: bytes) -> bytes | None:
+    for key in txn.cursor(db=tables.due).iternext(keys=True, values=False):
+        if key[8:] == mkey:
+            return key
+    return None
