@@ -51,3 +51,23 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 MAIL_LOOP = Reply(554, "5.4.6", "Too many hops, mail loop detected")
 BARE_NEWLINE = Reply(550, "5.6.0", "Bare <CR> or <LF> in message data is not allowed")
 EIGHT_BIT_HEADERS = Reply(550, "5.6.7", "8-bit header data requires SMTPUTF8")
+
+# Added for the SMTP receiver (mtad/receive/).
+GOODBYE = Reply(221, "2.0.0", "Bye")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+COMMAND_SYNTAX = Reply(500, "5.5.2", "Syntax error, command unrecognized")
+NEED_HELO = Reply(503, "5.5.1", "Send HELO or EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first")
+NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
+PARAM_NOT_RECOGNIZED = Reply(555, "5.5.4", "Parameter not recognized")
+NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+
+
+def queued(queue_id: str) -> Reply:
+    """The reply to an accepted message: `250 2.0.0 Ok: queued as <id>`."""
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

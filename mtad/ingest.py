@@ -1,0 +1,174 @@
+"""The one way in: every message (SMTP now; HTTP, DSNs and re-injection later) enters here.
+
+`Ingest.accept(submission)` prepends the trace header the caller built, adds Message-ID and
+Date when the message has none, commits the message to the spool, publishes the `received`
+event and returns the queue id. The caller acknowledges (SMTP 250, HTTP 202) only after
+accept() returns: acknowledged means durable (DESIGN principle 2). When the spool refuses,
+accept() publishes a `rejected` event and raises IngestError carrying the bland reply to send.
+
+The message is never re-serialised: header lines are inserted as bytes at the top, and only
+the header section is scanned (one regex match up to the blank line), never the body.
+
+Trust: the body is the client's and hostile; we only read its header section.
+RFCs: 5321 4.4 (trace fields), 5322 3.3 (date-time), 3.6.4 (Message-ID), 3.6.7 (trace order).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+import structlog
+
+from mtad import reply
+from mtad.events import Event, EventBus
+from mtad.records import Envelope, Recipient, new_queue_id
+from mtad.reply import Reply
+from mtad.spool.errors import SpoolFailed, SpoolFull
+
+log = structlog.get_logger("mtad.ingest")
+
+# A header section: fields (name, colon, value, folded continuation lines), each CRLF-ended.
+# RFC 5322 2.2: field names are printable ASCII except the colon.
+_HEADER_SECTION = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*")
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class Submission(msgspec.Struct, kw_only=True):
+    """One message on its way in, as the receiving side hands it over."""
+
+    sender: str
+    """Envelope sender; "" for the null sender <>."""
+    recipients: list[Recipient]
+    body: bytes
+    """The message as received (dot-unstuffed, CRLF line ends), without our trace header."""
+    client_address: str = ""
+    helo: str = ""
+    listener: str = ""
+    """Role of the listener (mx, submission, submissions), or "http"."""
+    protocol: str = "ESMTP"
+    smtputf8: bool = False
+    body_type: str = ""
+    ret: str = ""
+    envid: str = ""
+    received: bytes = b""
+    """Trace header line(s) to prepend, CRLF-terminated (the SMTP receiver builds its Received)."""
+    queue_id: str = ""
+    """The queue id, when the caller allocated it first (it appears in `received`); else ingest does."""
+
+
+class IngestError(Exception):
+    """accept() did not store the message; `reply` is what to tell the client."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class SpoolWriter(Protocol):
+    async def store(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> None: ...
+
+
+def header_section_end(body: bytes) -> int:
+    """Offset just past the header section: where the blank line (or non-header text) starts."""
+    match = _HEADER_SECTION.match(body)
+    return match.end() if match else 0
+
+
+def find_field(section: bytes, lowered: bytes, name: bytes) -> bytes | None:
+    """The unfolded value of the first `name` field (lowercase, colon included), or None."""
+    if lowered.startswith(name):
+        start = 0
+    else:
+        start = lowered.find(b"\n" + name)
+        if start < 0:
+            return None
+        start += 1
+    end = start
+    while True:
+        end = section.find(b"\r\n", end)
+        if end < 0 or section[end + 2:end + 3] not in (b" ", b"\t"):
+            break
+        end += 2
+    raw = section[start + len(name):end if end >= 0 else len(section)]
+    return b" ".join(raw.split()).strip()
+
+
+def rfc5322_date(now: float) -> str:
+    """`Mon, 02 Jan 2006 15:04:05 +0000` (RFC 5322 3.3), locale-independent, in UTC."""
+    t = time.gmtime(now)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000")
+
+
+class Ingest:
+    """Commits messages to the spool and tells the event bus; see the module docstring."""
+
+    def __init__(self, spool: SpoolWriter, bus: EventBus, hostname: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._spool = spool
+        self._bus = bus
+        self._hostname = hostname
+        self._clock = clock
+
+    async def accept(self, submission: Submission) -> str:
+        """Store one message; return its queue id. Raises IngestError (nothing stored)."""
+        now = self._clock()
+        queue_id = submission.queue_id or new_queue_id(now)
+        body = submission.body
+        end = header_section_end(body)
+        section = body[:end]
+        lowered = section.lower()
+        added = [submission.received]
+        message_id = find_field(section, lowered, b"message-id:")
+        if not message_id:
+            message_id = f"<{queue_id}@{self._hostname}>".encode("ascii")
+            added.append(b"Message-ID: " + message_id + b"\r\n")
+        if find_field(section, lowered, b"date:") is None:
+            added.append(f"Date: {rfc5322_date(now)}\r\n".encode("ascii"))
+        if end < len(body) and body[end:end + 2] != b"\r\n" and end > 0:
+            # Text that is not a header field where headers should be: start the body there,
+            # so the fields we add above cannot swallow it into the header section.
+            body = body[:end] + b"\r\n" + body[end:]
+        elif end == 0 and body and not body.startswith(b"\r\n"):
+            body = b"\r\n" + body
+        data = b"".join(added) + body
+        message_id_text = message_id.decode("utf-8", "replace")[:998]
+        envelope = Envelope(
+            id=queue_id, sender=submission.sender, arrival_time=now, size=len(data),
+            message_id=message_id_text, client_address=submission.client_address,
+            client_helo=submission.helo, listener=submission.listener,
+            protocol=submission.protocol, smtputf8=submission.smtputf8,
+            body_type=submission.body_type, ret=submission.ret, envid=submission.envid,
+        )
+        addresses = [r.address for r in submission.recipients]
+        try:
+            await self._spool.store(envelope, submission.recipients, data)
+        except (SpoolFull, SpoolFailed) as exc:
+            refusal = reply.SPOOL_FULL if isinstance(exc, SpoolFull) else reply.SPOOL_FAILED
+            log.warning("ingest.spool_refused", queue_id=queue_id, error=str(exc))
+            self._publish(Event(
+                type="rejected", time=now, client_address=submission.client_address,
+                helo=submission.helo, sender=submission.sender, recipients=addresses,
+                size=len(data), listener=submission.listener, reply=str(refusal),
+            ))
+            raise IngestError(refusal) from exc
+        self._publish(Event(
+            type="received", time=now, queue_id=queue_id, client_address=submission.client_address,
+            helo=submission.helo, sender=submission.sender, recipients=addresses, size=len(data),
+            message_id=message_id_text, listener=submission.listener,
+            reply=str(reply.queued(queue_id)),
+        ))
+        return queue_id
+
+    def _publish(self, event: Event) -> None:
+        # The message is already durable (or already refused): a failing subscriber must not
+        # turn that into a different answer to the client.
+        try:
+            self._bus.publish(event)
+        except Exception:
+            log.exception("ingest.publish_failed", event=event.type, queue_id=event.queue_id)

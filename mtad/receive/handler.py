@@ -1,0 +1,188 @@
+"""The SMTP dialog of one session: state, and the reply to each command.
+
+Every method returns a typed Reply (or the EHLO lines) and the session (session.py) does the
+writing, so this file is decision code: sequence checks, the transaction being built, relay
+policy, limits, and at the final dot the hand-over to ingest. Refusals of a recipient or a
+message publish a `rejected` event; syntax errors do not (they are noise, not mail).
+
+Trust: the peer's commands are hostile; its HELO name is recorded only after clean_helo.
+RFCs: 5321 4.1.1 (commands and their order), 4.1.4 (sequence), 4.5.3.1.8 (recipient limit),
+3207 4.2 (state after STARTTLS), 1870 (SIZE).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mtad import reply
+from mtad.config.schema import Limits
+from mtad.events import Event, EventBus
+from mtad.ingest import Ingest, IngestError, Submission, rfc5322_date
+from mtad.receive import policy
+from mtad.receive.data import DataResult, check_message, protocol_name, received_header
+from mtad.receive.policy import MailRequest
+from mtad.records import Recipient, new_queue_id
+from mtad.reply import Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a session needs to know, swapped as a whole on reload (sessions keep theirs)."""
+
+    hostname: str
+    limits: Limits
+    local_domains: frozenset[str]
+    tls_context: ssl.SSLContext | None
+    """ssl.SSLContext, or None when STARTTLS is not offered."""
+
+
+class Dialog:
+    """One session's SMTP state machine. Sync except `finish_data`, which awaits ingest."""
+
+    def __init__(self, *, settings: Settings, ingest: Ingest, bus: EventBus, role: str,
+                 client_ip: str, tls: bool, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self._ingest = ingest
+        self._bus = bus
+        self.role = role
+        self.client_ip = client_ip
+        self.tls = tls
+        self._clock = clock
+        self.helo = ""
+        self.esmtp = False
+        self.mail: MailRequest | None = None
+        self.recipients: list[Recipient] = []
+        self._seen: set[str] = set()
+
+    # -- session commands -------------------------------------------------------------------
+
+    def greet(self, arg: str | None, *, extended: bool) -> Reply | bytes:
+        """HELO / EHLO: both reset the transaction (RFC 5321 4.1.4)."""
+        if not arg or not arg.strip(" "):
+            return reply.BAD_SYNTAX
+        self.reset()
+        self.helo = policy.clean_helo(arg)
+        self.esmtp = extended
+        hostname = self.settings.hostname
+        if not extended:
+            return reply.Reply(250, "", hostname)
+        return policy.ehlo_lines(hostname, max_size=self.settings.limits.max_message_size,
+                                 tls_offered=self.settings.tls_context is not None and not self.tls)
+
+    def after_tls(self) -> None:
+        """RFC 3207 4.2: after the handshake the client starts over with EHLO."""
+        self.reset()
+        self.helo = ""
+        self.esmtp = False
+        self.tls = True
+
+    def reset(self) -> None:
+        self.mail = None
+        self.recipients = []
+        self._seen = set()
+
+    # -- the transaction ----------------------------------------------------------------------
+
+    def mail_from(self, arg: str | None) -> Reply:
+        if not self.helo:
+            return reply.NEED_HELO
+        if self.mail is not None:
+            return reply.NESTED_MAIL
+        limits = self.settings.limits
+        parsed = policy.parse_mail(arg, esmtp=self.esmtp, max_size=limits.max_message_size)
+        if isinstance(parsed, Reply):
+            if parsed is reply.MESSAGE_TOO_BIG:
+                self._rejected(parsed, sender_text(parsed_sender_guess(arg)), [])
+            return parsed
+        self.mail = parsed
+        return reply.SENDER_OK
+
+    def rcpt_to(self, arg: str | None) -> Reply:
+        if not self.helo:
+            return reply.NEED_HELO
+        if self.mail is None:
+            return reply.NEED_MAIL
+        parsed = policy.parse_rcpt(arg, esmtp=self.esmtp, smtputf8=self.mail.smtputf8,
+                                   hostname=self.settings.hostname)
+        if isinstance(parsed, Reply):
+            return parsed
+        address = str(parsed.mailbox)
+        verdict = policy.recipient_reply(parsed.mailbox, role=self.role,
+                                         local_domains=self.settings.local_domains,
+                                         hostname=self.settings.hostname)
+        if verdict is not reply.RECIPIENT_OK:
+            self._rejected(verdict, sender_text(self.mail), [address])
+            return verdict
+        if address in self._seen:
+            return reply.RECIPIENT_OK  # one delivery per address, however often it is named
+        if len(self.recipients) >= self.settings.limits.max_recipients:
+            return reply.TOO_MANY_RECIPIENTS
+        self._seen.add(address)
+        self.recipients.append(Recipient(address=address, notify=parsed.notify, orcpt=parsed.orcpt))
+        return reply.RECIPIENT_OK
+
+    def data_start(self, arg: str | None) -> Reply:
+        if not self.helo:
+            return reply.NEED_HELO
+        if arg:
+            return reply.BAD_SYNTAX
+        if self.mail is None:
+            return reply.NEED_MAIL
+        if not self.recipients:
+            return reply.NEED_RCPT
+        return reply.START_DATA
+
+    async def finish_data(self, result: DataResult) -> Reply:
+        """After the final dot: check the message, hand it to ingest, return the reply."""
+        mail = self.mail
+        recipients = self.recipients
+        self.reset()
+        assert mail is not None
+        limits = self.settings.limits
+        checked = check_message(result, smtputf8=mail.smtputf8, max_received=limits.max_received_headers,
+                                bare_newline=limits.bare_newline)
+        sender = sender_text(mail)
+        addresses = [r.address for r in recipients]
+        if isinstance(checked, Reply):
+            self._rejected(checked, sender, addresses, size=result.size)
+            return checked
+        now = self._clock()
+        queue_id = new_queue_id(now)
+        protocol = protocol_name(esmtp=self.esmtp, tls=self.tls, smtputf8=mail.smtputf8)
+        trace = received_header(
+            helo=self.helo, ip=self.client_ip, hostname=self.settings.hostname, protocol=protocol,
+            queue_id=queue_id, recipient=addresses[0] if len(addresses) == 1 else None,
+            date=rfc5322_date(now),
+        )
+        submission = Submission(
+            sender=sender, recipients=recipients, body=checked, client_address=self.client_ip,
+            helo=self.helo, listener=self.role, protocol=protocol, smtputf8=mail.smtputf8,
+            body_type=mail.body_type, ret=mail.ret, envid=mail.envid, received=trace,
+            queue_id=queue_id,
+        )
+        try:
+            await self._ingest.accept(submission)
+        except IngestError as exc:
+            return exc.reply  # ingest published the rejected event
+        return reply.queued(queue_id)
+
+    def _rejected(self, refusal: Reply, sender: str, recipients: list[str], size: int = 0) -> None:
+        self._bus.publish(Event(
+            type="rejected", time=self._clock(), client_address=self.client_ip, helo=self.helo,
+            sender=sender, recipients=recipients, size=size, listener=self.role, reply=str(refusal),
+        ))
+
+
+def sender_text(mail: MailRequest | None) -> str:
+    """The envelope sender as recorded: "" for <> (and when unknown)."""
+    if mail is None or mail.sender is None:
+        return ""
+    return str(mail.sender)
+
+
+def parsed_sender_guess(arg: str | None) -> MailRequest | None:
+    """For a refused MAIL (SIZE too big): the sender, when it parses, for the rejected event."""
+    parsed = policy.parse_mail(arg, esmtp=True, max_size=2**63)
+    return parsed if isinstance(parsed, MailRequest) else None

@@ -1,0 +1,214 @@
+"""SMTP command decisions: parse MAIL and RCPT arguments, their ESMTP parameters, and relay policy.
+
+Pure: every function takes the command text and session facts and returns a value or a typed
+Reply; nothing here writes to a socket. The session (session.py) does the writing.
+
+Trust: command arguments come from the peer and are hostile; parameter values are kept only
+after validation, and kept as given (xtext is not decoded) so DSNs can echo them.
+RFCs: 5321 4.1.1.2-3 (MAIL, RCPT), 4.5.1 (Postmaster), 1870 (SIZE), 6152 (8BITMIME BODY=),
+6531 3.4 (SMTPUTF8), 3461 4.1-4.4 (RET, ENVID, NOTIFY, ORCPT), 3463 (status codes).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mtad import reply
+from mtad.address import (
+    AddressError,
+    Mailbox,
+    Verdict,
+    classify_recipient,
+    parse_path,
+    split_path,
+)
+from mtad.reply import Reply
+
+# RFC 5321 4.1.2 esmtp-keyword; RFC 3461 4 xtext is printable ASCII without "+" and "=",
+# except "+" followed by two upper-case hex digits.
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+MAX_ENVID = 100  # RFC 3461 4.4
+MAX_ORCPT = 500  # RFC 3461 4.2: an ORCPT parameter's value is at most 500 characters
+
+
+@dataclass(frozen=True, slots=True)
+class MailRequest:
+    """A parsed MAIL FROM: the sender (None for <>) and the parameters we keep."""
+
+    sender: Mailbox | None
+    size: int = 0
+    body_type: str = ""
+    smtputf8: bool = False
+    ret: str = ""
+    envid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RcptRequest:
+    """A parsed RCPT TO: the recipient and its RFC 3461 parameters, as given."""
+
+    mailbox: Mailbox
+    notify: str = ""
+    orcpt: str = ""
+
+
+def strip_keyword(arg: str | None, keyword: str) -> str | None:
+    """`FROM:<a@b>` -> `<a@b>`; None when the keyword is missing (RFC 5321 4.1.1.2)."""
+    if arg is None or arg[: len(keyword)].upper() != keyword:
+        return None
+    # Not in the grammar, but widely sent: a space between "FROM:" and the path.
+    return arg[len(keyword):].lstrip(" ")
+
+
+def parse_params(text: str, *, esmtp: bool, smtputf8: bool = False) -> dict[str, str] | Reply:
+    """`SIZE=10 BODY=8BITMIME` -> {"SIZE": "10", "BODY": "8BITMIME"}; keywords upper-cased,
+    values kept as given. A keyword without a value maps to ""."""
+    if not text:
+        return {}
+    if not esmtp:
+        # Parameters exist only in a session that said EHLO (RFC 5321 4.1.1.2).
+        return reply.BAD_SYNTAX
+    params: dict[str, str] = {}
+    for item in text.split(" "):
+        if not item:
+            continue
+        keyword, eq, value = item.partition("=")
+        if not _KEYWORD.fullmatch(keyword) or (eq and not value):
+            return reply.BAD_SYNTAX
+        if not value.isascii() and not smtputf8:
+            return reply.BAD_SYNTAX
+        keyword = keyword.upper()
+        if keyword in params:
+            return reply.BAD_SYNTAX
+        params[keyword] = value
+    return params
+
+
+def parse_mail(arg: str | None, *, esmtp: bool, max_size: int) -> MailRequest | Reply:
+    """Decide a MAIL command's argument: a MailRequest, or the Reply refusing it."""
+    text = strip_keyword(arg, "FROM:")
+    if text is None:
+        return reply.BAD_SYNTAX
+    try:
+        path, param_text = split_path(text)
+    except AddressError:
+        return reply.BAD_ADDRESS
+    params = parse_params(param_text, esmtp=esmtp, smtputf8=True)
+    if isinstance(params, Reply):
+        return params
+    smtputf8 = False
+    if "SMTPUTF8" in params:
+        if params.pop("SMTPUTF8"):
+            return reply.BAD_SYNTAX
+        smtputf8 = True
+    elif not param_text.isascii():
+        return reply.BAD_SYNTAX
+    try:
+        sender = parse_path(path, smtputf8=smtputf8, null_ok=True)
+    except AddressError as exc:
+        return reply.NON_ASCII_ADDRESS if exc.non_ascii else reply.BAD_ADDRESS
+    size = 0
+    if "SIZE" in params:
+        value = params.pop("SIZE")
+        if not value.isdigit() or len(value) > 20:
+            return reply.BAD_SYNTAX
+        size = int(value)
+        if size > max_size:
+            return reply.MESSAGE_TOO_BIG  # RFC 1870 6.1
+    body_type = params.pop("BODY", "").upper()
+    if body_type not in ("", "7BIT", "8BITMIME"):
+        return reply.BAD_SYNTAX  # BINARYMIME needs CHUNKING, which we do not offer
+    ret = params.pop("RET", "").upper()
+    if ret not in ("", "FULL", "HDRS"):
+        return reply.BAD_SYNTAX
+    envid = params.pop("ENVID", None)
+    if envid is not None and not _valid_xtext(envid, MAX_ENVID):
+        return reply.BAD_SYNTAX
+    if params:
+        return reply.PARAM_NOT_RECOGNIZED
+    return MailRequest(sender, size, body_type, smtputf8, ret, envid or "")
+
+
+def parse_rcpt(arg: str | None, *, esmtp: bool, smtputf8: bool, hostname: str) -> RcptRequest | Reply:
+    """Decide a RCPT command's argument (syntax only; relay policy is `recipient_reply`)."""
+    text = strip_keyword(arg, "TO:")
+    if text is None:
+        return reply.BAD_SYNTAX
+    try:
+        path, param_text = split_path(text)
+    except AddressError:
+        return reply.BAD_ADDRESS
+    params = parse_params(param_text, esmtp=esmtp, smtputf8=smtputf8)
+    if isinstance(params, Reply):
+        return params
+    try:
+        if path.lower() == "<postmaster>":
+            # RFC 5321 4.5.1: <Postmaster> without a domain names this host's postmaster.
+            mailbox = Mailbox("postmaster", hostname.lower().rstrip("."))
+        else:
+            parsed = parse_path(path, smtputf8=smtputf8, null_ok=False)
+            assert parsed is not None
+            mailbox = parsed
+    except AddressError as exc:
+        return reply.NON_ASCII_ADDRESS if exc.non_ascii else reply.BAD_ADDRESS
+    notify = ""
+    if "NOTIFY" in params:
+        notify = params.pop("NOTIFY").upper()
+        words = notify.split(",")
+        if not (notify == "NEVER" or (set(words) <= _NOTIFY and len(set(words)) == len(words))):
+            return reply.BAD_SYNTAX
+    orcpt = ""
+    if "ORCPT" in params:
+        orcpt = params.pop("ORCPT")
+        addr_type, semi, value = orcpt.partition(";")
+        if not semi or not _ADDR_TYPE.fullmatch(addr_type) or not value or len(orcpt) > MAX_ORCPT:
+            return reply.BAD_SYNTAX
+        if addr_type.lower() != "utf-8" and not _XTEXT.fullmatch(value):
+            return reply.BAD_SYNTAX
+    if params:
+        return reply.PARAM_NOT_RECOGNIZED
+    return RcptRequest(mailbox, notify, orcpt)
+
+
+def _valid_xtext(value: str, limit: int) -> bool:
+    return 0 < len(value) <= limit and _XTEXT.fullmatch(value) is not None
+
+
+def recipient_reply(mailbox: Mailbox, *, role: str, local_domains: frozenset[str], hostname: str = "") -> Reply:
+    """Relay policy: which recipients a listener takes.
+
+    Every role accepts only plain local parts at our own domains until SMTP AUTH exists
+    (submission without AUTH must not relay either). Refusals are `550 5.7.1` whatever the
+    trick, so a prober learns nothing about which one we saw through.
+    """
+    del role  # one rule for every role until AUTH lands
+    if hostname and mailbox.domain == hostname.lower().rstrip(".") and mailbox.local.lower() == "postmaster":
+        return reply.RECIPIENT_OK  # RFC 5321 4.5.1: this host's postmaster is always accepted
+    if classify_recipient(mailbox, local_domains) is Verdict.LOCAL:
+        return reply.RECIPIENT_OK
+    return reply.RELAY_DENIED
+
+
+def ehlo_lines(hostname: str, *, max_size: int, tls_offered: bool) -> bytes:
+    """The EHLO response, as bytes ready to write."""
+    keywords = [hostname, "PIPELINING", f"SIZE {max_size}", "8BITMIME", "SMTPUTF8",
+                "ENHANCEDSTATUSCODES", "DSN"]
+    if tls_offered:
+        keywords.append("STARTTLS")
+    lines = [f"250-{k}" for k in keywords[:-1]] + [f"250 {keywords[-1]}"]
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def clean_helo(arg: str) -> str:
+    """The HELO/EHLO argument as we record it: printable ASCII, one word, at most 255 chars.
+
+    It ends up in a Received header and the mail log, so anything else becomes `?`.
+    """
+    word = arg.strip(" ").split(" ", 1)[0][:255]
+    if word.isascii() and word.isprintable():
+        return word
+    return "".join(ch if " " < ch <= "~" else "?" for ch in word)
