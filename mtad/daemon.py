@@ -1,0 +1,204 @@
+"""The composition root: config, spool, listeners, HTTP, signals, ordered shutdown.
+
+Lifecycle: load config -> open and recover the spool -> start HTTP (public, admin) -> open
+SMTP listeners -> READY=1 -> run until SIGTERM/SIGINT -> STOPPING=1 -> stop listening ->
+let sessions finish within server.shutdown_grace -> stop HTTP -> close the spool -> exit 0.
+SIGHUP re-reads the config file and applies what can change in flight (limits, inbound
+domains, TLS certificate, log level, mail log file); it logs the keys that need a restart.
+Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import ssl
+import sys
+import time
+from typing import Any
+
+import structlog
+
+from mtad import sdnotify
+from mtad.config import ConfigError, load_config
+from mtad.config.schema import Config
+from mtad.events import Counters, EventBus
+from mtad.http.admin import build_admin_app, ensure_admin_token
+from mtad.http.public import build_public_app
+from mtad.http.server import HttpServer
+from mtad.ingest import Ingest
+from mtad.maillog import MailLog, configure_logging
+from mtad.receive.listeners import Receiver
+from mtad.spool import Spool, SpoolError
+
+log = structlog.get_logger("mtad.daemon")
+
+# Keys SIGHUP cannot change in a running process; a change is logged, then needs a restart.
+_RESTART_KEYS = ("server.spool_dir", "server.hostname", "listener", "http", "spool", "dns")
+
+
+def build_tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The server-side context for STARTTLS and implicit TLS, or None when [tls] is empty."""
+    if not cfg.tls.cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls.cert, cfg.tls.key)
+    return ctx
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: str, *, log_format: str | None = None) -> None:
+        self.cfg = cfg
+        self.log_format = log_format
+        self.config_path = config_path
+        self.stopping = asyncio.Event()
+        self.bus = EventBus()
+        self.counters = Counters()
+        self.maillog = MailLog(path=cfg.log.mail_log)
+        self.bus.subscribe(self.counters)
+        self.bus.subscribe(self.maillog)
+        self.spool: Spool | None = None
+        self.receiver: Receiver | None = None
+        self.http: list[HttpServer] = []
+        self.started = time.time()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        reasons = []
+        if self.spool is None or not self.spool.writable():
+            reasons.append("spool not writable")
+        if self.receiver is None or not self.receiver.bound():
+            reasons.append("listeners not open")
+        if self.stopping.is_set():
+            reasons.append("shutting down")
+        return (not reasons, {"reasons": reasons, "uptime": round(time.time() - self.started, 3)})
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        try:
+            self.spool = Spool.open(
+                cfg.server.spool_dir,
+                map_size=int(cfg.spool.map_size),
+                commit_linger=float(cfg.spool.commit_linger),
+                commit_max_batch=cfg.spool.commit_max_batch,
+            )
+        except SpoolError as exc:
+            log.error("spool.open_failed", spool_dir=cfg.server.spool_dir, error=str(exc))
+            return 1
+        try:
+            report = await asyncio.get_running_loop().run_in_executor(None, self.spool.recover)
+            log.info("spool.recovered", spool_dir=cfg.server.spool_dir, messages=report.messages,
+                     recipients=report.recipients, corrupt=report.corrupt, seconds=round(report.seconds, 3))
+            token = ensure_admin_token(cfg.server.spool_dir)
+            tls_context = build_tls_context(cfg)
+            ingest = Ingest(self.spool, self.bus, cfg.server.hostname)
+            self.receiver = Receiver(
+                listeners=cfg.listener, limits=cfg.limits, inbound_domains=cfg.inbound.domains,
+                hostname=cfg.server.hostname, ingest=ingest, bus=self.bus, tls_context=tls_context,
+            )
+            public = HttpServer()
+            await public.start(build_public_app(health=self.health), cfg.http.address)
+            self.http.append(public)
+            admin = HttpServer()
+            await admin.start(
+                build_admin_app(spool=self.spool, counters=self.counters, token=token, started=self.started),
+                cfg.http.admin_address,
+            )
+            self.http.append(admin)
+            await self.receiver.start()
+        except (OSError, ssl.SSLError) as exc:
+            log.error("daemon.start_failed", error=str(exc))
+            await self._shutdown()
+            return 1
+        for role, host, port in self.receiver.bound():
+            log.info("listener.open", role=role, address=f"{host}:{port}")
+        log.info("http.open", public=public.bound(), admin=admin.bound())
+        self._install_signals()
+        sdnotify.notify("READY=1\nSTATUS=accepting mail")
+        log.info("daemon.ready", pid=os.getpid(), queued=self.spool.count())
+        await self.stopping.wait()
+        sdnotify.notify("STOPPING=1")
+        await self._shutdown()
+        return 0
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, sig: signal.Signals) -> None:
+        log.info("daemon.stopping", signal=sig.name)
+        self.stopping.set()
+
+    def _on_reload(self) -> None:
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config.reload_failed", problems=exc.problems)
+            return
+        except OSError as exc:
+            log.error("config.reload_failed", problems=[str(exc)])
+            return
+        try:
+            tls_context = build_tls_context(new)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("config.reload_failed", problems=[f"tls: {exc}"])
+            return
+        old = self.cfg
+        changed_restart = [key for key in _RESTART_KEYS if _lookup(old, key) != _lookup(new, key)]
+        if self.receiver is not None:
+            self.receiver.reload(limits=new.limits, inbound_domains=new.inbound.domains, tls_context=tls_context)
+        configure_logging(fmt=self.log_format or new.log.format, level=new.log.level)
+        self.maillog.reopen()
+        self.cfg = new
+        if changed_restart:
+            log.warning("config.reload_needs_restart", keys=changed_restart)
+        log.info("config.reloaded", applied=["limits", "inbound.domains", "tls", "log"])
+
+    async def _shutdown(self) -> None:
+        grace = float(self.cfg.server.shutdown_grace)
+        if self.receiver is not None:
+            await self.receiver.stop_accepting()
+            await self.receiver.drain(grace)
+        for server in reversed(self.http):
+            await server.stop()
+        if self.spool is not None:
+            await self.spool.close()
+        self.maillog.close()
+        log.info("daemon.stopped")
+
+
+def _lookup(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mtad", description="mtad mail transfer agent")
+    parser.add_argument("--config", required=True, help="path to mtad.toml")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit (0 ok, 2 problems)")
+    parser.add_argument("--log-format", choices=("json", "console"), help="override log.format")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr if not args.check else sys.stdout)
+        return 2
+    if args.check:
+        print(f"{args.config}: ok")
+        return 0
+    configure_logging(fmt=args.log_format or cfg.log.format, level=cfg.log.level)
+    import uvloop
+
+    code = uvloop.run(Daemon(cfg, args.config, log_format=args.log_format).run())
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

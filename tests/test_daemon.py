@@ -1,0 +1,135 @@
+"""The daemon as a process: start, readiness, health, SIGHUP reload, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from harness import MtadProcess, wait_for, write_config
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    proc = MtadProcess(write_config(tmp_path)).start()
+    yield proc
+    proc.kill()
+
+
+def send(addr: tuple[str, int], rcpt: str, body: bytes = b"Subject: hi\r\n\r\nhello\r\n") -> None:
+    with smtplib.SMTP(*addr, timeout=10) as client:
+        client.sendmail("sender@origin.test", [rcpt], body)
+
+
+def test_check_accepts_shipped_config() -> None:
+    shipped = Path(__file__).resolve().parent.parent / "conf" / "mtad.toml"
+    result = subprocess.run([sys.executable, "-m", "mtad.daemon", "--config", str(shipped), "--check"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_names_every_bad_key_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nhostnme = "x"\n[limits]\nmax_recipients = 0\n')
+    result = subprocess.run([sys.executable, "-m", "mtad.daemon", "--config", str(bad), "--check"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("server.hostnme:") for line in lines), lines
+    assert any(line.startswith("limits.max_recipients:") for line in lines), lines
+
+
+def test_check_opens_no_socket(tmp_path: Path) -> None:
+    # The configured port is taken by us; --check must still succeed because it binds nothing.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path)
+        cfg.write_text(cfg.read_text().replace('address = "127.0.0.1:0"\n\n[http]', f'address = "127.0.0.1:{port}"\n\n[http]', 1))
+        result = subprocess.run([sys.executable, "-m", "mtad.daemon", "--config", str(cfg), "--check"],
+                                capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (tmp_path / "spool").exists()
+
+
+def test_ready_notification_reaches_systemd_socket(tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(sock_path))
+        notify.settimeout(20)
+        proc = MtadProcess(write_config(tmp_path), env={"NOTIFY_SOCKET": str(sock_path)}).start()
+        try:
+            assert b"READY=1" in notify.recv(4096)
+            proc.signal(signal.SIGTERM)
+            assert b"STOPPING=1" in notify.recv(4096)
+            assert proc.proc is not None and proc.proc.wait(20) == 0
+        finally:
+            proc.kill()
+
+
+def test_healthz_is_ok_while_running(daemon: MtadProcess) -> None:
+    with urllib.request.urlopen(f"http://{daemon.http}/healthz", timeout=10) as response:
+        assert response.status == 200
+        assert json.loads(response.read())["status"] == "ok"
+
+
+def test_sigterm_finishes_open_session_then_exits_zero(daemon: MtadProcess) -> None:
+    client = smtplib.SMTP(*daemon.mx, timeout=10)
+    client.ehlo("client.test")
+    client.mail("sender@origin.test")
+    client.rcpt("user@example.test")
+    daemon.signal(signal.SIGTERM)
+    # The listener closes, but the session already open may finish its transaction.
+    wait_for(lambda: any(r.get("event") == "daemon.stopping" for r in daemon.records()))
+    code, _ = client.data(b"Subject: during shutdown\r\n\r\nbody\r\n")
+    assert code == 250
+    client.quit()
+    assert daemon.proc is not None and daemon.proc.wait(20) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(daemon.mx, timeout=2).close()
+    restarted = MtadProcess(daemon.config).start()
+    try:
+        assert [m["recipients"][0]["address"] for m in restarted.queue_json()] == ["user@example.test"]
+    finally:
+        restarted.kill()
+
+
+def test_sighup_reloads_inbound_domains(daemon: MtadProcess) -> None:
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        send(daemon.mx, "user@later.test")
+    assert refused.value.recipients["user@later.test"][0] == 550
+    text = daemon.config.read_text().replace('domains = ["example.test"]', 'domains = ["example.test", "later.test"]')
+    daemon.config.write_text(text)
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: any(r.get("event") == "config.reloaded" for r in daemon.records()))
+    send(daemon.mx, "user@later.test")
+    assert any(m["recipients"][0]["address"] == "user@later.test" for m in daemon.queue_json())
+
+
+def test_sighup_with_broken_config_keeps_running(daemon: MtadProcess) -> None:
+    good = daemon.config.read_text()
+    daemon.config.write_text(good + "\n[limits]\nmax_recipients = -5\n")
+    daemon.signal(signal.SIGHUP)
+    failed = wait_for(lambda: [r for r in daemon.records() if r.get("event") == "config.reload_failed"])
+    assert "limits" in json.dumps(failed[0]["problems"])
+    send(daemon.mx, "user@example.test")
+    daemon.config.write_text(good)  # mtactl reads the same file
+    assert len(daemon.queue_json()) == 1
+
+
+def test_received_event_on_mail_log(daemon: MtadProcess) -> None:
+    send(daemon.mx, "user@example.test")
+    events = wait_for(lambda: [e for e in daemon.mail_log() if e["type"] == "received"])
+    event = events[0]
+    assert event["sender"] == "sender@origin.test"
+    assert event["recipients"] == ["user@example.test"]
+    assert event["client_address"] == "127.0.0.1"
+    assert event["queue_id"] == daemon.queue_json()[0]["id"]
+    assert event["reply"].startswith("250")
