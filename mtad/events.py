@@ -9,7 +9,8 @@ Subscribers are plain functions called synchronously in publish order; they must
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import msgspec
 
