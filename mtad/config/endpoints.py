@@ -7,8 +7,8 @@ at run time.
 
 Trust: config text is the operator's, but it is checked as if it were hostile (no value
 reaches a socket call unchecked).
-RFCs: RFC 1035 2.3.1 and RFC 1123 2.1 (host name syntax), RFC 5890-5891 (IDNA A-labels;
-the stdlib codec implements IDNA 2003 ToASCII), RFC 3986 3.2.2 ([v6] literals).
+RFCs: RFC 1035 2.3.1 and RFC 1123 2.1 (host name syntax), RFC 5890-5891 (IDNA 2008 A-labels,
+via mtad.address), RFC 3986 3.2.2 ([v6] literals).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import ipaddress
 import re
 from typing import NamedTuple
 
+from mtad import address
 from mtad.config.schema import show
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -44,25 +45,18 @@ def is_ip(text: str) -> bool:
 
 
 def normalize_domain(text: str) -> str:
-    """A domain name in its lookup form: lowercase, IDNA A-labels, no trailing dot."""
+    """A domain name in its lookup form: lowercase, IDNA A-labels, no trailing dot.
+
+    The same normalisation the SMTP receiver applies (mtad.address), so a domain configured
+    here compares equal to the one a client sends.
+    """
     name = text.strip()
-    name = name.removesuffix(".")
-    if is_ip(name):
+    if is_ip(name.removesuffix(".")):
         raise ValueError(f"expected a domain name, got the IP address {show(text)}")
     try:
-        name = name.lower().encode("idna").decode("ascii")
-    except UnicodeError:
+        return address.normalize_domain(name, smtputf8=True)
+    except address.AddressError:
         raise ValueError(f"not a valid domain name: {show(text)}") from None
-    labels = name.split(".")
-    if (
-        not name
-        or len(name) > 253
-        or not all(_LABEL.fullmatch(label) for label in labels)
-        # RFC 3696 2: a top-level label is never all digits (that would be an IP address).
-        or labels[-1].isdigit()
-    ):
-        raise ValueError(f"not a valid domain name: {show(text)}")
-    return name
 
 
 def _host(text: str, original: str) -> str:

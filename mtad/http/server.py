@@ -17,6 +17,8 @@ import stat
 
 from aiohttp import web
 
+from mtad.config import endpoints
+
 # How long stop() lets running requests (a long queue listing) finish before closing them.
 SHUTDOWN_TIMEOUT = 5.0
 
@@ -26,17 +28,17 @@ class HttpServerError(Exception):
 
 
 def parse_address(address: str) -> tuple[str, int] | str:
-    """`host:port` or `[v6]:port` as (host, port); an absolute path (unix socket) as itself."""
-    if address.startswith("/"):
-        return address
-    host, sep, port_text = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise HttpServerError(f"{address}: write an IPv6 address as [addr]:port")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise HttpServerError(f"{address}: expected host:port, [v6]:port or an absolute socket path")
-    return host, int(port_text)
+    """`host:port` or `[v6]:port` as (host, port); an absolute path (unix socket) as itself.
+
+    The same parsing `mtad --check` applied (mtad.config.endpoints), so a checked config binds.
+    """
+    try:
+        if endpoints.is_unix_path(address):
+            return endpoints.check_unix_path(address)
+        host, port = endpoints.parse_hostport(address)
+    except ValueError as exc:
+        raise HttpServerError(f"{address}: {exc}") from None
+    return host, port
 
 
 def format_address(host: str, port: int) -> str:
