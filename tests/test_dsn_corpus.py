@@ -26,7 +26,7 @@ ALIASES = {"ratelimited": "toomanyconn", "speeding": "toomanyconn", "emailtoolar
            "onhold": "undefined", "unknown": "undefined"}
 
 # Levels reached when this test was written (grade.py agrees), minus a margin of ~2 points.
-FLOORS = {"recall": 95.0, "precision": 96.0, "f1": 95.5, "hard_soft": 86.5, "reason": 74.5, "status": 83.0}
+FLOORS = {"recall": 96.0, "precision": 96.0, "f1": 96.0, "hard_soft": 95.5, "reason": 88.5, "status": 97.0}
 
 
 def _norm_reason(reason: str | None) -> str:

@@ -25,9 +25,11 @@ _IP = re.compile(r"^\[?([0-9A-Fa-f:.]{2,45})\]?")
 def is_feedback_report(parts: Parts) -> bool:
     if parts.feedback:
         return True
-    ctype = parts.message.get_param("report-type", header="content-type")
-    if isinstance(ctype, str) and ctype.lower() == "feedback-report":
-        return True
+    raw = parts.message.get("Content-Type")
+    if raw is not None and "feedback-report" in str(raw).lower():
+        ctype = parts.message.get_param("report-type", header="content-type")
+        if isinstance(ctype, str) and ctype.lower() == "feedback-report":
+            return True
     return parts.original is not None and parts.original.get("X-HmXmrOriginalRecipient") is not None
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from mtad.dsn.phrases import COMPILED
+from mtad.dsn.phrases import COMPILED, DEFINITIVE_USERUNKNOWN, EXACT_ANY, EXACT_COUNT
 from mtad.dsn.record import HARD_REASONS, clean_status
 
 MAX_SCAN = 2048  # characters of reply text the phrase table looks at
@@ -36,7 +36,7 @@ _BY_STATUS: dict[str, str] = {
     "6.8": "contenterror", "6.9": "contenterror", "6.10": "contenterror",
     "7.0": "securityerror", "7.1": "securityerror", "7.2": "securityerror", "7.3": "securityerror",
     "7.4": "securityerror", "7.5": "securityerror", "7.6": "securityerror", "7.7": "policyviolation",
-    "7.8": "securityerror", "7.9": "policyviolation", "7.10": "securityerror", "7.11": "securityerror",
+    "7.8": "securityerror", "7.9": "securityerror", "7.10": "securityerror", "7.11": "securityerror",
     "7.12": "securityerror", "7.13": "suspend", "7.14": "securityerror", "7.15": "securityerror",
     "7.17": "hasmoved", "7.18": "hasmoved", "7.19": "hasmoved",
     "7.20": "authfailure", "7.21": "authfailure", "7.22": "authfailure", "7.23": "authfailure",
@@ -56,22 +56,46 @@ _STRONG_TEXT = frozenset({
     "policyviolation", "expired", "systemfull",
 })
 
+_LOCAL_DELIVERY = frozenset({"mailboxfull", "systemfull", "mesgtoobig"})
 _ADDRESS_STATUS = re.compile(r"^[45]\.1\.\d{1,3}$")
 _REPLY_CODE = re.compile(r"(?<!\d)([245]\d\d)(?:[ \-]|$)")
 _SPACES = re.compile(r"\s+")
+_ADDRESS_WORD = re.compile(r"[^\s<>()\[\]\"',;:]{0,128}@[^\s<>()\[\]\"',;:]{1,255}")
 
 
 def fold(text: str) -> str:
-    """Lower-case, whitespace-collapsed, capped: the form the phrase table matches."""
-    return _SPACES.sub(" ", text[: MAX_SCAN * 2]).lower()[:MAX_SCAN]
+    """Lower-case, whitespace-collapsed, capped: the form the phrase table matches.
+
+    Addresses are blanked first: a local part ("mailboxfull@", "no-such-user@") is not
+    the reply speaking.
+    """
+    text = text[: MAX_SCAN * 2]
+    if "@" in text:
+        text = _ADDRESS_WORD.sub(" <> ", text)
+    return _SPACES.sub(" ", text).lower()[:MAX_SCAN]
 
 
 def reason_from_text(text: str) -> str:
-    """The first reason whose phrases occur in `text` (already folded), or ""."""
-    for reason, pattern in COMPILED:
+    """The first reason whose phrases occur in `text` (already folded), or "".
+
+    "expired" (the queue gave up) is the consequence of some other failure; when the
+    text also names the cause (a DNS failure, a directory server down), the cause wins.
+    """
+    expired = False
+    table = COMPILED if EXACT_ANY.search(text) else COMPILED[EXACT_COUNT:]
+    for reason, pattern in table:
+        if expired and reason in _NOT_A_CAUSE:
+            continue
         if pattern.search(text):
-            return reason
-    return ""
+            if reason != "expired":
+                return reason
+            expired = True
+    return "expired" if expired else ""
+
+
+# Reasons matched by phrases too broad to name the cause behind an expiry.
+_NOT_A_CAUSE = frozenset({"expired", "systemerror", "syntaxerror", "filtered", "policyviolation",
+                          "securityerror", "contenterror", "notcompliantrfc"})
 
 
 def reason_from_status(status: str) -> str:
@@ -94,17 +118,18 @@ def classify(
 ) -> tuple[str, str]:
     """(reason, class) for one recipient of a report or one SMTP reply."""
     folded = fold(text)
-    if diagnostic_type.lower().startswith("x-unix"):
+    reason = _decide(status, folded)
+    if diagnostic_type.lower().startswith("x-unix") and reason not in _LOCAL_DELIVERY:
+        # A local delivery program failed; only a full disk or quota is more specific.
         reason = "mailererror"
-    else:
-        reason = _decide(status, folded)
     command = command.upper()
-    if reason == "userunknown" and command != "RCPT" and not _ADDRESS_STATUS.match(status):
+    if (reason == "userunknown" and command != "RCPT" and not _ADDRESS_STATUS.match(status)
+            and not DEFINITIVE_USERUNKNOWN.search(folded)):
         # Only a RCPT reply (or an X.1.x code) proves the mailbox is unknown; "unknown
         # user" after DATA, or from a filtering gateway that gives no SMTP context, is
         # a filter speaking (sisimai's "filtered").
         reason = "filtered"
-    elif command == "MAIL" and reason in ("", "userunknown", "securityerror", "systemerror"):
+    elif command == "MAIL" and reason in ("", "userunknown", "hostunknown", "filtered", "securityerror", "systemerror"):
         reason = "rejected"
     if not reason:
         if action == "delayed" or status.startswith("4.4.7"):
@@ -124,7 +149,7 @@ def _decide(status: str, folded: str) -> str:
     if not by_text:
         return by_status
     _, _, rest = status.partition(".")
-    if rest in _GENERIC_STATUS or by_text in _STRONG_TEXT:
+    if rest in _GENERIC_STATUS or by_text in _STRONG_TEXT or by_status == "expired":
         return by_text
     return by_status
 

@@ -90,7 +90,7 @@ def header_text(msg: Message, name: str) -> str:
 
 
 def split_parts(data: bytes) -> Parts:
-    data = normalise(data)
+    data = trim_originals(normalise(data))
     msg = BytesParser().parsebytes(data)
     if not msg.is_multipart() or not isinstance(msg.get_payload(), list):
         repaired = _undeclared_multipart(data)
@@ -99,6 +99,42 @@ def split_parts(data: bytes) -> Parts:
     parts = Parts(message=msg)
     _walk(msg, parts, 0, [0])
     return parts
+
+
+_RFC822_PART = re.compile(
+    rb"^content-type:[ \t]*(?:message/(?:rfc822|global)|text/rfc822-headers)\b", re.IGNORECASE | re.MULTILINE
+)
+_BOUNDARY_PARAM = re.compile(rb"boundary=(?:\"([^\"\n]{1,200})\"|([^\s;\"]{1,200}))", re.IGNORECASE)
+
+
+def trim_originals(data: bytes) -> bytes:
+    """Drop the body of a returned original (message/rfc822 part): only its headers
+    (Message-ID, To) matter, and parsing its MIME tree is most of the work otherwise.
+
+    The cut runs from the blank line after the embedded headers to the next boundary
+    line of an enclosing multipart declared before the part; nothing is cut when that
+    boundary cannot be found.
+    """
+    found = _RFC822_PART.search(data)
+    if not found:
+        return data
+    outer = [m.group(1) or m.group(2) for m in _BOUNDARY_PARAM.finditer(data, 0, found.start())]
+    if not outer:
+        return data
+    part_head_end = data.find(b"\n\n", found.end())
+    if part_head_end < 0:
+        return data
+    inner_head_end = data.find(b"\n\n", part_head_end + 2)
+    if inner_head_end < 0:
+        return data
+    start = inner_head_end + 1
+    if any(data.find(b"\n--" + b, part_head_end, start) >= 0 for b in outer):
+        return data  # the part ended before its headers did
+    ends = [data.find(b"\n--" + b, start) for b in outer]
+    ends = [e for e in ends if e >= 0]
+    if not ends:
+        return data
+    return data[:start] + data[min(ends) :]
 
 
 _BOUNDARY_LINE = re.compile(rb"^--([^\s\"]{4,200})[ \t]*$", re.MULTILINE)
@@ -154,7 +190,7 @@ def _walk(part: Message, out: Parts, depth: int, count: list[int]) -> None:
             for sub in payload:
                 if isinstance(sub, Message):
                     _walk(sub, out, depth + 1, count)
-    elif part.get_content_maintype() in ("text", "multipart") or ctype == "application/octet-stream" and depth == 0:
+    elif ctype.startswith(("text/", "multipart/")) or ctype == "application/octet-stream" and depth == 0:
         # A multipart whose boundary never appears is text as far as a reader can tell.
         if part.get_filename() and depth > 0:
             return

@@ -26,9 +26,15 @@ from mtad.dsn.arf import (
 )
 from mtad.dsn.classify import classify, fold, reason_from_text, reply_code
 from mtad.dsn.mime import Parts, header_text, split_parts
-from mtad.dsn.record import ADDRESS_RE, DsnRecord, clean_address, clean_status
+from mtad.dsn.record import (
+    ADDRESS_RE,
+    DsnRecord,
+    clean_address,
+    failure_status,
+)
 from mtad.dsn.rfc3464 import parse_delivery_status
 from mtad.dsn.scrape import Scraped, find_code, find_command, scrape
+from mtad.dsn.ses import looks_like_ses, ses_records
 
 MAX_RECORDS = 500
 MAX_DIAGNOSTIC = 1000
@@ -81,6 +87,10 @@ def _parse(data: bytes) -> list[DsnRecord]:
     msg = parts.message
     if is_feedback_report(parts):
         return complaint_records(parts)
+    if not parts.ds_text and parts.texts and looks_like_ses(parts.texts[0]):
+        found = ses_records(parts.texts[0])
+        if found:
+            return found
     bounce = _looks_like_bounce(parts)
     if not parts.ds_text and bounce:
         # Delivery-status fields pasted into the text (PMDF, WorkMail, broken MIME).
@@ -221,7 +231,7 @@ def _record(
     diagnostic_type: str, remote_mta: str, message_id: str, fallbacks: list[str],
 ) -> DsnRecord:
     if not status and diagnostic:
-        status = clean_status(diagnostic[:600])
+        status = failure_status(diagnostic[:600])
     reason, klass = classify(status=status, code=code, text=diagnostic, action=action, command=command,
                              diagnostic_type=diagnostic_type)
     diagnostic_says = None
@@ -234,7 +244,7 @@ def _record(
             if not code:
                 code = find_code(extra)
             if not status:
-                status = clean_status(extra[:2000])
+                status = failure_status(extra[:2000])
             reason, klass = classify(status=status, code=code, text=extra, action=action, command=command)
     if action == "delivered":
         reason, klass = "delivered", "unknown"

@@ -15,6 +15,24 @@ import re
 # (reason, regex fragments). Fragments are plain regexes over lower-case folded text;
 # keep them anchored to words and free of nested quantifiers (bounded time).
 TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # The subject/detail texts of RFC 3463 section 3, which many MTAs print verbatim
+    # ("Recipient address rejected: Bad destination system address"): exact, so first.
+    ("userunknown", (r"bad destination mailbox address", r"destination mailbox address ambiguous")),
+    ("hostunknown", (r"bad destination system address",)),
+    ("hasmoved", (r"no forwarding address",)),
+    ("rejected", (r"bad sender'?s (?:mailbox|system) address", r"(?:not have|no) permission to post",
+                  r"group you tried to contact")),
+    ("exceedlimit", (r"message length exceeds administrative limit",)),
+    ("systemfull", (r"mail system full",)),
+    ("notaccept", (r"system not accepting network messages",)),
+    ("mesgtoobig", (r"message too big for system",)),
+    ("systemerror", (r"system incorrectly configured", r"directory server failure", r"unable to contact ldap")),
+    ("contenterror", (r"(?:other or undefined )?media error", r"media not supported", r"conversion required")),
+    ("mailererror", (r"\bmailer error\b", r"\bpipe to \|", r"x-unix;", r"command (?:died|failed) with status")),
+    ("onhold", (r"\bon hold\b",)),
+    ("spamdetected", (r"(?:due to|because of|as|for) (?:suspected )?spam\b", r"spam classification")),
+    ("systemerror", (r"queue file write error",)),
+    ("", ()),  # end of the narrow block (see EXACT_ANY)
     ("networkerror", (
         # Transient DNS trouble, not a missing domain (Postfix, Sendmail wordings).
         r"host not found, try again", r"malformed or unexpected name server", r"host name lookup failure",
@@ -63,7 +81,7 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("mesgtoobig", (
         r"message (?:is )?too (?:big|large)", r"message size (?:exceeds|too|limit|is over|of .{0,30} exceeds)",
-        r"exceeds? (?:the )?(?:maximum |max |fixed )?(?:message )?size", r"size limit", r"too large",
+        r"exceeds? (?:the )?(?:maximum |max |fixed )?(?:message )?size", r"size limit", r"(?<!header )(?<!headers )too large",
         r"message file too big", r"mail size", r"message length exceeds", r"email is too (?:big|large)",
         r"size (?:exceeds|of .{0,30} exceeds)", r"larger than (?:the )?(?:allowed|permitted|maximum)",
     )),
@@ -107,7 +125,8 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
         r"not a (?:valid|known) (?:user|mailbox|recipient|address)", r"no mailbox here",
         r"(?:is not|isn't) a (?:valid|known) ", r"recipient (?:address )?(?:not recogni[sz]ed|invalid|unknown)", r"not listed in (?:the )?(?:public |domino )?(?:name|address|directory)",
         r"recipient address rejected: access denied",
-        r"mailbox (?:unavailable|not available|not present)", r"address (?:rejected|unknown|invalid|not found)",
+        r"mailbox (?:unavailable|not available|not present)", r"address (?:unknown|invalid|not found)",
+        r"address rejected(?!:)",
         r"recipnotfound", r"recipientnotfound", r"user not (?:found|local|exist)", r"unknown or illegal",
         r"doesn't have an? .{1,40} account", r"does not have an? .{1,40} account", r"no such",
         r"does not exist", r"doesn't exist", r"not exist", r"undeliverable address", r"addressee unknown",
@@ -120,7 +139,7 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
         r"(?:invalid|unknown|bad|rejected) sender", r"mail from (?:rejected|refused)",
         r"domain of sender", r"sender domain", r"sender verification", r"envelope sender",
         r"from address (?:rejected|not)", r"return[- ]path", r"sender is",
-        r"(?:not|isn't|is not) (?:allowed|authorized|permitted) to send",
+        r"(?:not|isn't|is not) (?:allowed|authorized|permitted) to send", r"unroutable sender",
     )),
     ("spamdetected", (
         r"\bspam\b", r"\bube\b", r"junk ?mail", r"unsolicited", r"\bbulk\b", r"spam(?:my| score|assassin|-?like)",
@@ -148,7 +167,7 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
         r"not authori[sz]ed", r"unauthori[sz]ed", r"\bauthentication\b",
     )),
     ("notcompliantrfc", (
-        r"\brfc ?(?:5322|2822|822|5321|2821)\b", r"not (?:rfc[- ]?)?compliant", r"does not comply",
+        r"\brfc ?(?:5322|2822|822|5321|2821)\b(?!;)", r"not (?:rfc[- ]?)?compliant", r"does not comply",
         r"multiple (?:from|to|subject|date|message-id|sender)", r"duplicate header", r"missing (?:a )?(?:required )?header",
         r"header (?:is )?(?:missing|malformed|invalid)", r"malformed (?:header|message|address)",
     )),
@@ -214,13 +233,31 @@ def _fast(fragment: str) -> str:
     return f"{found.group(1)}(?<![a-z]{found.group(1)}){fragment[3:]}"
 
 
-def _compile() -> tuple[tuple[str, re.Pattern[str]], ...]:
+def _compile(table: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[tuple[str, re.Pattern[str]], ...]:
     out = []
-    for reason, frags in TABLE:
+    for reason, frags in table:
         if frags:
             out.append((reason, re.compile("|".join(f"(?:{_fast(f)})" for f in frags))))
     return tuple(out)
 
 
-COMPILED = _compile()
+_SPLIT = TABLE.index(("", ()))
+COMPILED = _compile(TABLE[:_SPLIT] + TABLE[_SPLIT + 1 :])
+EXACT_COUNT = len(_compile(TABLE[:_SPLIT]))
+# One search decides whether any of the narrow leading phrases occur at all; the
+# per-reason patterns of that block run only when one does (most replies skip it).
+EXACT_ANY = re.compile("|".join(f"(?:{_fast(f)})" for _, frags in TABLE[:_SPLIT] for f in frags))
+
+# Replies that only come out of a recipient lookup (the producer says them at RCPT or
+# from its own directory, never from a content filter): userunknown even when the
+# report does not show the SMTP command. Gmail, Yahoo, Outlook.com/Exchange, qmail,
+# Domino, Exchange Online directory-based edge blocking, carrier MMS gateways.
+DEFINITIVE_USERUNKNOWN = re.compile(
+    r"account that you tried to reach does not exist|address couldn'?t be found|"
+    r"delivery error: dd |requested action not taken: mailbox unavailable|"
+    r"recip(?:ient)?notfound|recipient not found by smtp address lookup|recipient name is not recognized|"
+    r"no mailbox here by that name|not listed in (?:the )?(?:public |domino )?(?:name|address|directory)|"
+    r"recipient address rejected: access denied|no valid recipients|invalid recipient|"
+    r"mailbox (?:does not|doesn't) exist"
+)
 REASONS = tuple(reason for reason, _ in COMPILED)

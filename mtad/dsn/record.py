@@ -84,5 +84,26 @@ def clean_status(raw: str) -> str:
     return ".".join(found.groups())
 
 
+def failure_status(raw: str) -> str:
+    """The first 4.x.x/5.x.x code in bounce text (a session transcript shows the 2.x.x
+    replies that went well before the one that failed), else the first code, else ""."""
+    first = ""
+    for m in STATUS_RE.finditer(raw):
+        if m.group(1) != "2":
+            return ".".join(m.groups())
+        first = first or ".".join(m.groups())
+    return first
+
+
+def remote_status(raw: str) -> str:
+    """The remote server's code in a diagnostic: the last RFC 3463 code, because relays
+    and gateways put their own summary first and quote the remote reply after it
+    ("5.1.0 - Unknown address error 550-'5.2.2 ... Mailbox Full'"); "" when none."""
+    found = ""
+    for m in STATUS_RE.finditer(raw):
+        found = ".".join(m.groups())
+    return found
+
+
 def valid_status(status: str) -> bool:
     return bool(_STATUS_FULL.match(status))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtad.dsn.mime import field_blocks
-from mtad.dsn.record import ACTIONS, clean_address, clean_status
+from mtad.dsn.record import ACTIONS, clean_address, clean_status, remote_status
 
 MAX_VALUE = 2000
 _RECIPIENT_FIELDS = ("final-recipient", "original-recipient", "x-actual-recipient")
@@ -91,8 +91,13 @@ def _recipient(group: list[tuple[str, str]]) -> RecipientFields:
             rec.remote_mta = _after_type(value)
     rec.recipient = final or original or actual
     rec.original = original
-    if not rec.status and rec.diagnostic:
-        rec.status = clean_status(rec.diagnostic[:200])
+    if rec.diagnostic:
+        # "Status: 5.0.0" with "Diagnostic-Code: smtp; 550 5.7.1 ...": the remote
+        # server's own code says more than the reporting MTA's translation of it
+        # (same class digit only: a 4xx reply in a failed report stays 5.x.x).
+        said = remote_status(rec.diagnostic[:400])
+        if said and (not rec.status or said[0] == rec.status[0]):
+            rec.status = said
     return rec
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mtad.dsn.record import ADDRESS_RE, clean_status
+from mtad.dsn.record import ADDRESS_RE, failure_status
 
 MAX_LINES = 600
 MAX_LINE = 1000
@@ -47,14 +47,17 @@ _BEFORE_BAD = re.compile(
     re.IGNORECASE,
 )
 _COMMAND = re.compile(
-    r"(?:in reply to|after|while sending|while talking|response to|for|smtp:|>>>)\s{0,4}(?:the\s)?(?:end of\s)?"
-    r"(rcpt\s?to|rcpt|mail\s?from|data|dot|body|helo|ehlo|connect|initial connection)\b",
+    r"(?:in reply to|after|while sending|while talking|response to|for|smtp:|>>>|like our|progress was|\[)"
+    r"\s{0,4}(?:the\s)?(?:end of\s)?"
+    r"(rcpt[\s_]?to|rcpt|mail[\s_]?from|data|dot|body|helo|ehlo|connect|initial connection)\b",
     re.IGNORECASE,
 )
 _CODE_LINE = re.compile(r"^(?:.{0,160}?(?:said|says|reply|replied|response|error|answer|<<<)\s{0,3}:?\s{0,3})?\(?#?([245]\d\d)(?:[ \-]|$)", re.IGNORECASE)
 _CODE_ANYWHERE = re.compile(r"(?:[:\]]\s{1,3}|\s)([245]\d\d)[ \-]#?[245]\.\d{1,3}\.\d{1,3}\b|[:\]]\s{1,3}([245]\d\d)\s")
+_HEAD_SAYS = re.compile(r"(?<![\w.])(?:[245]\d\d|[245]\.\d{1,3}\.\d{1,3})(?![\w.])|rcpt|said|error|reply|response", re.IGNORECASE)
+_COMMAND_WORDS = ("rcpt", "mail", "data", "dot", "body", "helo", "ehlo", "connect", "connection")
 _COMMAND_NAMES = {
-    "rcptto": "RCPT", "rcpt to": "RCPT", "rcpt": "RCPT", "mailfrom": "MAIL", "mail from": "MAIL", "data": "DATA",
+    "rcptto": "RCPT", "rcpt to": "RCPT", "rcpt_to": "RCPT", "mail_from": "MAIL", "rcpt": "RCPT", "mailfrom": "MAIL", "mail from": "MAIL", "data": "DATA",
     "dot": "DATA", "body": "DATA", "message": "DATA", "helo": "HELO", "ehlo": "HELO",
     "connect": "CONN", "initial connection": "CONN",
 }
@@ -89,7 +92,7 @@ def _is_recipient_hit(line: str, start: int, end: int) -> bool:
 def scrape(text: str, exclude: frozenset[str] = frozenset()) -> list[Scraped]:
     """Candidate failed recipients in bounce text, each with the lines that explain it."""
     lines = [ln[:MAX_LINE] for ln in text.split("\n", MAX_LINES)[:MAX_LINES]]
-    hits: list[tuple[int, str, str]] = []  # (line index, address, rest of the line)
+    hits: list[tuple[int, str, str, str]] = []  # (line index, address, text before it, rest of the line)
     for i, line in enumerate(lines):
         if "@" not in line:
             continue
@@ -98,20 +101,26 @@ def scrape(text: str, exclude: frozenset[str] = frozenset()) -> list[Scraped]:
             if addr.lower() in exclude or "." not in addr.rpartition("@")[2] and not line.strip("<> \t:").endswith(addr):
                 continue
             if _is_recipient_hit(line, m.start(), m.end()):
-                hits.append((i, addr, line[m.end() :]))
+                hits.append((i, addr, line[: m.start()], line[m.end() :]))
                 break
     # A hit repeating the address of the hit before it (Exim's "after RCPT TO:<addr>",
     # Sendmail's "<addr>... reply" in the transcript) continues that block.
     blocks: list[tuple[int, str, list[str], list[str]]] = []
-    for n, (i, addr, rest) in enumerate(hits):
+    for n, (i, addr, head, rest) in enumerate(hits):
         stop = hits[n + 1][0] if n + 1 < len(hits) else len(lines)
-        body = [rest.strip(" \t>:;,.)\"'")] if rest.strip(" \t>:;,.)\"'") else []
+        repeat = bool(blocks) and blocks[-1][1].lower() == addr.lower()
+        if repeat or _HEAD_SAYS.search(head):
+            # "550 5.1.1 <addr>: ..." and "... after RCPT TO:<addr>": the words before the
+            # address are part of the reply.
+            body = [(head + addr + rest).strip()]
+        else:
+            body = [rest.strip(" \t>:;,.)\"'")] if rest.strip(" \t>:;,.)\"'") else []
         for line in lines[i + 1 : min(stop, i + 1 + MAX_DIAG_LINES * 2)]:
             if line.strip():
                 body.append(line.strip())
             if len(body) >= MAX_DIAG_LINES:
                 break
-        if blocks and blocks[-1][1].lower() == addr.lower():
+        if repeat:
             blocks[-1][2].extend(body)
             continue
         before: list[str] = []
@@ -138,15 +147,19 @@ def scrape(text: str, exclude: frozenset[str] = frozenset()) -> list[Scraped]:
 def _describe(addr: str, diag_lines: list[str], before: list[str]) -> Scraped:
     diag = " ".join(diag_lines)
     return Scraped(
-        recipient=addr, diagnostic=diag, status=clean_status(diag[:600]), code=find_code("\n".join(diag_lines)),
+        recipient=addr, diagnostic=diag, status=failure_status(diag[:600]), code=find_code("\n".join(diag_lines)),
         command=find_command(diag), context=" ".join(before),
     )
 
 
 def find_command(text: str) -> str:
     """The SMTP command a failure answered ("RCPT", "DATA", "MAIL", ...), or ""."""
+    text = text[:8000]
+    lower = text.lower()
+    if not any(word in lower for word in _COMMAND_WORDS):
+        return ""
     found = ""
-    for c in _COMMAND.finditer(text[:8000]):
+    for c in _COMMAND.finditer(text):
         found = _COMMAND_NAMES.get(" ".join(c.group(1).lower().split()), found)
     return found
 
