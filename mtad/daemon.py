@@ -24,7 +24,7 @@ import structlog
 from mtad import sdnotify
 from mtad.config import ConfigError, load_config
 from mtad.config.schema import Config
-from mtad.events import Counters, EventBus
+from mtad.events import Counters, Event, EventBus, EventType
 from mtad.http.admin import build_admin_app, ensure_admin_token
 from mtad.http.public import build_public_app
 from mtad.http.server import HttpServer
@@ -37,6 +37,25 @@ log = structlog.get_logger("mtad.daemon")
 
 # Keys SIGHUP cannot change in a running process; a change is logged, then needs a restart.
 _RESTART_KEYS = ("server.spool_dir", "server.hostname", "listener", "http", "spool", "dns")
+
+
+class OperatorEvents:
+    """The admin API's queue hooks: every operator action becomes an event on the mail log."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+
+    def _publish(self, kind: EventType, queue_id: str, reason: str) -> None:
+        self._bus.publish(Event(type=kind, time=time.time(), queue_id=queue_id, reason=reason))
+
+    def held(self, queue_id: str) -> None:
+        self._publish("held", queue_id, "operator: queue hold")
+
+    def released(self, queue_id: str) -> None:
+        self._publish("released", queue_id, "operator: queue release")
+
+    def deleted(self, queue_id: str) -> None:
+        self._publish("dropped", queue_id, "operator: queue delete")
 
 
 def build_tls_context(cfg: Config) -> ssl.SSLContext | None:
@@ -77,6 +96,7 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.cfg
+        asyncio.get_running_loop().set_exception_handler(_log_loop_exception)
         try:
             self.spool = Spool.open(
                 cfg.server.spool_dir,
@@ -103,7 +123,8 @@ class Daemon:
             self.http.append(public)
             admin = HttpServer()
             await admin.start(
-                build_admin_app(spool=self.spool, counters=self.counters, token=token, started=self.started),
+                build_admin_app(spool=self.spool, counters=self.counters, token=token, started=self.started,
+                                queue_hooks=OperatorEvents(self.bus)),
                 cfg.http.admin_address,
             )
             self.http.append(admin)
@@ -169,6 +190,12 @@ class Daemon:
             await self.spool.close()
         self.maillog.close()
         log.info("daemon.stopped")
+
+
+def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Errors nobody awaited (a callback, a forgotten task): into the diagnostic log, with traceback."""
+    error = context.get("exception")
+    log.error("loop.unhandled", message=context.get("message", ""), exc_info=error)
 
 
 def _lookup(cfg: Config, dotted: str) -> Any:

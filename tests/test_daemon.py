@@ -133,3 +133,15 @@ def test_received_event_on_mail_log(daemon: MtadProcess) -> None:
     assert event["client_address"] == "127.0.0.1"
     assert event["queue_id"] == daemon.queue_json()[0]["id"]
     assert event["reply"].startswith("250")
+
+
+def test_operator_actions_are_events_on_the_mail_log(daemon: MtadProcess) -> None:
+    send(daemon.mx, "user@example.test")
+    [entry] = daemon.queue_json()
+    daemon.mtactl("queue", "hold", entry["id"])
+    assert [r["state"] for r in daemon.queue_json()[0]["recipients"]] == ["held"]
+    daemon.mtactl("queue", "release", entry["id"])
+    daemon.mtactl("queue", "delete", entry["id"])
+    assert daemon.queue_json() == []
+    kinds = wait_for(lambda: [e["type"] for e in daemon.mail_log() if e.get("queue_id") == entry["id"]][-3:] == ["held", "released", "dropped"])
+    assert kinds
