@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,11 +27,21 @@ import idna
 # RFC 5321 4.1.2 atext (RFC 5322 3.2.3): letters, digits and these.
 _ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-# RFC 5321 4.5.3.1.1-2 say 64 and 255; local parts from VERP/SRS often run past 64, so the
-# local part gets more room, and the whole path stays under 4.5.3.1.3's 256 plus slack.
-MAX_LOCAL = 128
+# RFC 5321 4.5.3.1.1-3: local part 64 octets, domain 255, path 256 (brackets and source route
+# included). Longer objects are refused with 501 (4.5.3.1.10 "Path too long"): a next hop that
+# enforces them would bounce the message later, after we had accepted responsibility for it.
+MAX_LOCAL = 64
 MAX_DOMAIN = 255
-MAX_PATH = 512
+MAX_PATH = 256
+# Reverse-paths are the sender's business and real ones run long (VERP and SRS return paths,
+# list bounce addresses that embed a whole recipient address): like Postfix and Exim we take
+# them up to these looser bounds rather than lose the message over a sender's local part.
+MAX_SENDER_LOCAL = 255
+MAX_SENDER_PATH = 512
+# Characters that route mail when a later hop interprets the local part (percent hack, UUCP
+# bang paths, a second @), checked after NFKC so that fullwidth and small-form look-alikes
+# (U+FF05, U+FF01, U+FF20, U+FE6A, U+FE57, U+FE6B) count as what they normalise to.
+_ROUTING = frozenset("%!@")
 
 
 class AddressError(ValueError):
@@ -109,9 +120,10 @@ def parse_path(path: str, *, smtputf8: bool, null_ok: bool) -> Mailbox | None:
     Returns None for the null path `<>` when `null_ok` (MAIL FROM only). A source route
     (`<@a,@b:user@c>`) is checked for syntax and dropped: the final mailbox is what counts.
     """
-    if len(path) > MAX_PATH:
-        raise AddressError("path too long")
     bracketed = path.startswith("<")
+    max_path, max_local = (MAX_SENDER_PATH, MAX_SENDER_LOCAL) if null_ok else (MAX_PATH, MAX_LOCAL)
+    if len(path.encode("utf-8", "surrogateescape")) + (0 if bracketed else 2) > max_path:
+        raise AddressError("path too long")
     if bracketed != path.endswith(">") or path in ("<", ">"):
         raise AddressError("unbalanced angle brackets")
     inner = path[1:-1] if bracketed else path
@@ -127,14 +139,16 @@ def parse_path(path: str, *, smtputf8: bool, null_ok: bool) -> Mailbox | None:
             if not hop.startswith("@"):
                 raise AddressError("bad source route")
             normalize_domain(hop[1:], smtputf8=smtputf8)
-    return parse_mailbox(inner, smtputf8=smtputf8)
+    return parse_mailbox(inner, smtputf8=smtputf8, max_local=max_local)
 
 
-def parse_mailbox(text: str, *, smtputf8: bool) -> Mailbox:
+def parse_mailbox(text: str, *, smtputf8: bool, max_local: int = MAX_LOCAL) -> Mailbox:
     """Parse `local@domain` (RFC 5321 Mailbox; RFC 6531 UTF-8 when smtputf8)."""
     if text.startswith('"'):
         end = _quoted_end(text, smtputf8)
         local, rest = text[: end + 1], text[end + 1:]
+        if end == 1:
+            raise AddressError("empty local part")  # `""@domain` names nobody
         if not rest.startswith("@"):
             raise AddressError("quoted local part must be followed by @")
         domain = rest[1:]
@@ -143,7 +157,7 @@ def parse_mailbox(text: str, *, smtputf8: bool) -> Mailbox:
         if not at:
             raise AddressError("missing @domain")
         _check_dot_string(local, smtputf8)
-    if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL:
+    if len(local.encode("utf-8", "surrogateescape")) > max_local:
         raise AddressError("local part too long")
     if domain.startswith("["):
         return Mailbox(local, normalize_literal(domain))
@@ -251,8 +265,10 @@ def classify_recipient(mailbox: Mailbox, local_domains: frozenset[str]) -> Verdi
     if mailbox.literal or mailbox.domain not in local_domains:
         return Verdict.RELAY
     content = mailbox.local_content()
-    if "%" in content or "!" in content or "@" in content:
+    if not _ROUTING.isdisjoint(content) or (
+            not content.isascii() and not _ROUTING.isdisjoint(unicodedata.normalize("NFKC", content))):
         # The percent hack, UUCP bang paths and "user@elsewhere"@us: we never interpret these,
-        # and handing them to a next hop that does would turn us into an open relay.
+        # and handing them to a next hop that does (or that NFKC-folds `user＠ext`) would turn
+        # us into an open relay.
         return Verdict.ROUTING_LOCAL_PART
     return Verdict.LOCAL

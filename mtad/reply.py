@@ -66,6 +66,10 @@ PARAM_NOT_RECOGNIZED = Reply(555, "5.5.4", "Parameter not recognized")
 NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "Mail transaction in progress")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+DATA_TOO_SLOW = Reply(421, "4.4.2", "Message data took too long, closing connection")
 
 
 def queued(queue_id: str) -> Reply:

@@ -58,7 +58,7 @@ BAD = ["<user>", "<@example.test>", "<user@>", "<user@@example.test>", "<.user@e
        "user@example.test>", "<", '<"unterminated@example.test>', '<"a"b@example.test>',
        '<"a\x01"@example.test>', "<us(er@example.test>", "<user@exa_mple.test>",
        "<@relay.test user@example.test>", "<relay.test:user@example.test>", "<a@" + "b" * 64 + ".test>",
-       "<" + "a" * 129 + "@example.test>", "<a@" + ".".join(["abcdefgh"] * 40) + ">"]
+       "<" + "a" * 256 + "@example.test>", "<a@" + ".".join(["abcdefgh"] * 40) + ">"]
 
 
 @pytest.mark.parametrize("path", BAD)
@@ -107,7 +107,43 @@ VERDICTS = [
     (Mailbox('"user@ext.test"', "local.test"), Verdict.ROUTING_LOCAL_PART),
     (Mailbox('"user\\@ext.test"', "local.test"), Verdict.ROUTING_LOCAL_PART),
     (Mailbox("user%ext.test", "ext.test"), Verdict.RELAY),
+    # NFKC look-alikes of %, ! and @ route mail at any hop that folds them
+    (Mailbox("user\uff05ext.test", "local.test"), Verdict.ROUTING_LOCAL_PART),
+    (Mailbox("ext.test\uff01user", "local.test"), Verdict.ROUTING_LOCAL_PART),
+    (Mailbox("user\uff20ext.test", "local.test"), Verdict.ROUTING_LOCAL_PART),
+    (Mailbox("user\ufe6aext.test", "local.test"), Verdict.ROUTING_LOCAL_PART),
+    (Mailbox("ext.test\ufe57user", "local.test"), Verdict.ROUTING_LOCAL_PART),
+    (Mailbox('"user\ufe6bext.test"', "local.test"), Verdict.ROUTING_LOCAL_PART),
+    (Mailbox("jörg", "local.test"), Verdict.LOCAL),
 ]
+
+
+def test_rfc5321_size_limits_are_exact() -> None:
+    # 4.5.3.1.1: local part 64 octets (UTF-8 octets, not characters)
+    assert parse_path("<" + "a" * 64 + "@b.test>", smtputf8=False, null_ok=False) is not None
+    assert parse_path("<" + "ö" * 32 + "@b.test>", smtputf8=True, null_ok=False) is not None
+    for local in ("a" * 65, "ö" * 32 + "a", '"' + "a" * 63 + '"'):
+        with pytest.raises(AddressError):
+            parse_path(f"<{local}@b.test>", smtputf8=True, null_ok=False)
+    # 4.5.3.1.2: domain 255 octets
+    domain = ".".join(["d" * 63] * 3 + ["e" * 61])  # 253 octets
+    assert normalize_domain(domain) == domain
+    with pytest.raises(AddressError):
+        normalize_domain(domain + "e" * 3)
+    # 4.5.3.1.3: path 256 octets, brackets included, with or without the brackets sent
+    route = "@" + ".".join(["r" * 60] * 3) + ".test:"
+    path = "<" + route + "b" * 52 + "@example.test>"
+    assert len(path) == 256 and parse_path(path, smtputf8=False, null_ok=False) is not None
+    with pytest.raises(AddressError, match="too long"):
+        parse_path(path.replace("<", "<b"), smtputf8=False, null_ok=False)
+    with pytest.raises(AddressError, match="too long"):
+        parse_path(path[1:-1] + "b", smtputf8=False, null_ok=False)
+
+
+def test_an_empty_quoted_local_part_names_nobody() -> None:
+    with pytest.raises(AddressError, match="empty local part"):
+        parse_path('<""@local.test>', smtputf8=False, null_ok=False)
+    assert str(parse_path('<" "@local.test>', smtputf8=False, null_ok=False)) == '" "@local.test'
 
 
 @pytest.mark.parametrize(("mailbox", "verdict"), VERDICTS, ids=[str(m) for m, _ in VERDICTS])

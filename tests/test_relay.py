@@ -48,7 +48,39 @@ CASES = [
     ("<user@ÉXAMPLE.test>".encode(), b" SMTPUTF8", b"250 2.1.5", "user@xn--xample-9ua.test"),
     (b"<user@xn--xample-9ua.test>", b"", b"250 2.1.5", "user@xn--xample-9ua.test"),
     ("<usér@local.test>".encode(), b"", b"553 5.6.7", None),
+    # look-alikes: UTS #46 maps U+FF0E and U+3002 to ".", so the domain is what it reads as ...
+    ("<user@ext\uff0etest>".encode(), b" SMTPUTF8", b"550 5.7.1", None),
+    ("<user@ext\u3002test>".encode(), b" SMTPUTF8", b"550 5.7.1", None),
+    ("<user@local\u3002test>".encode(), b" SMTPUTF8", b"250 2.1.5", "user@local.test"),
+    ("<user@local\uff0eTEST\uff0e>".encode(), b" SMTPUTF8", b"501 5.1.3", None),
+    # ... and fullwidth or small-form %, ! and @ in a local part are routing characters (NFKC)
+    ("<user\uff05ext.test@local.test>".encode(), b" SMTPUTF8", b"550 5.7.1", None),
+    ("<ext.test\uff01user@local.test>".encode(), b" SMTPUTF8", b"550 5.7.1", None),
+    ("<user\uff20ext.test@local.test>".encode(), b" SMTPUTF8", b"550 5.7.1", None),
+    ("<user\ufe6bext.test@local.test>".encode(), b" SMTPUTF8", b"550 5.7.1", None),
+    ('<"user\uff20ext.test"@local.test>'.encode(), b" SMTPUTF8", b"550 5.7.1", None),
+    # routing characters in any case, in any quoting
+    (b"<USER%EXT.TEST@LOCAL.TEST>", b"", b"550 5.7.1", None),
+    (b"<EXT.TEST!USER@LOCAL.TEST>", b"", b"550 5.7.1", None),
+    (b'<"user\\@ext"@local.test>', b"", b"550 5.7.1", None),
+    (b"<user@[IPv6:::ffff:127.0.0.1]>", b"", b"550 5.7.1", None),
     # syntax errors are 501 5.1.3
+    (b"<user@local.test@ext.test>", b"", b"501 5.1.3", None),
+    (b"<user\\@ext.test@local.test>", b"", b"501 5.1.3", None),
+    (b'<""@local.test>', b"", b"501 5.1.3", None),
+    (b'<"">', b"", b"501 5.1.3", None),
+    (b"<user@ext.test>\t", b"", b"501 5.1.3", None),
+    (b"\t<user@local.test>", b"", b"501 5.1.3", None),
+    (b"< user@local.test>", b"", b"501 5.1.3", None),
+    (b"<user@local.test\t>", b"", b"501 5.1.3", None),
+    (b"<user@local.test. >", b"", b"501 5.1.3", None),
+    (b"<user@local.test .>", b"", b"501 5.1.3", None),
+    (b"<user@[local.test]>", b"", b"501 5.1.3", None),
+    (b"<@local.test:@ext.test:user@x.test>", b"", b"501 5.1.3", None),
+    (b"<@local.test user@ext.test>", b"", b"501 5.1.3", None),
+    (b"<@:user@ext.test>", b"", b"501 5.1.3", None),
+    (b"<@local.test,user@ext.test>", b"", b"501 5.1.3", None),
+    (b"<" + b"a" * 65 + b"@local.test>", b"", b"501 5.1.3", None),
     (b"<user@@local.test>", b"", b"501 5.1.3", None),
     (b"<user@local..test>", b"", b"501 5.1.3", None),
     (b"<user@local.test", b"", b"501 5.1.3", None),
@@ -69,7 +101,8 @@ async def test_relay_trick(rcpt: bytes, mail_params: bytes, expected: bytes, sto
         await raw.ask(b"MAIL FROM:<s@origin.test>" + mail_params + b"\r\n", b"250 2.1.0")
         await raw.ask(b"RCPT TO:" + rcpt + b"\r\n", expected)
         if stored is None:
-            await raw.ask(b"DATA\r\n", b"503 5.5.1")  # nothing to deliver to: no message at all
+            # nothing to deliver to: no message at all (RFC 2920 3.1: 554 after failed RCPTs)
+            await raw.ask(b"DATA\r\n", b"554 5.5.1 No valid recipients\r\n")
             assert rx.spool.stored == []
             if expected.startswith(b"550"):
                 [event] = rx.of_type("rejected")

@@ -119,6 +119,10 @@ class Limits(_Table):
     """A session that sends nothing for this long is closed with 421 4.4.2 (RFC 5321 4.5.3.2.7)."""
     data_timeout: Annotated[Duration, Within(1, 86400)] = Duration(600)
     """Longest wait for the next chunk of message data during DATA."""
+    data_deadline: Annotated[Duration, Within(1, 86400)] = Duration(1800)
+    """Longest a whole DATA transfer may take, however steadily it trickles in; past it 421 4.4.2."""
+    max_junk_commands: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 100
+    """HELO/EHLO, NOOP, RSET, VRFY, EXPN, HELP between accepted messages; past it each is an error."""
     max_received_headers: Annotated[int, msgspec.Meta(ge=5, le=1000)] = 100
     """Hop limit: a message with more Received headers is refused as a loop (554 5.4.6)."""
     bare_newline: Literal["normalize", "reject"] = "normalize"

@@ -6,8 +6,9 @@ policy, limits, and at the final dot the hand-over to ingest. Refusals of a reci
 message publish a `rejected` event; syntax errors do not (they are noise, not mail).
 
 Trust: the peer's commands are hostile; its HELO name is recorded only after clean_helo.
-RFCs: 5321 4.1.1 (commands and their order), 4.1.4 (sequence), 4.5.3.1.8 (recipient limit),
-3207 4.2 (state after STARTTLS), 1870 (SIZE).
+RFCs: 5321 4.1.1 (commands and their order), 4.1.4 (sequence), 3.3 and 2920 3.1 (DATA after
+failed RCPTs: 554), 4.5.3.1.8 (recipient limit), 3207 4 and 4.2 (STARTTLS and the state after
+it), 1870 (SIZE).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class Dialog:
         self.mail: MailRequest | None = None
         self.recipients: list[Recipient] = []
         self._seen: set[str] = set()
+        self._rcpt_tried = False
+        self.wasted = 0
+        """Commands since the last accepted message that moved no mail (the session counts
+        HELO, NOOP, RSET and kin; a RCPT that adds no recipient counts here)."""
 
     # -- session commands -------------------------------------------------------------------
 
@@ -82,6 +87,20 @@ class Dialog:
         self.mail = None
         self.recipients = []
         self._seen = set()
+        self._rcpt_tried = False
+
+    def starttls(self, arg: str | None) -> Reply | None:
+        """STARTTLS: None to go ahead with the handshake, or the refusal (RFC 3207 4)."""
+        if arg:
+            return reply.BAD_SYNTAX
+        if self.tls:
+            return reply.TLS_ALREADY_ACTIVE
+        if self.settings.tls_context is None:
+            return reply.TLS_NOT_AVAILABLE
+        if self.mail is not None:
+            # The handshake would silently drop the transaction (RFC 3207 4.2); say so instead.
+            return reply.TRANSACTION_IN_PROGRESS
+        return None
 
     # -- the transaction ----------------------------------------------------------------------
 
@@ -104,6 +123,7 @@ class Dialog:
             return reply.NEED_HELO
         if self.mail is None:
             return reply.NEED_MAIL
+        self._rcpt_tried = True
         parsed = policy.parse_rcpt(arg, esmtp=self.esmtp, smtputf8=self.mail.smtputf8,
                                    hostname=self.settings.hostname)
         if isinstance(parsed, Reply):
@@ -116,9 +136,11 @@ class Dialog:
             self._rejected(verdict, sender_text(self.mail), [address])
             return verdict
         if address in self._seen:
+            self.wasted += 1
             return reply.RECIPIENT_OK  # one delivery per address, however often it is named
         if len(self.recipients) >= self.settings.limits.max_recipients:
-            return reply.TOO_MANY_RECIPIENTS
+            self.wasted += 1
+            return reply.TOO_MANY_RECIPIENTS  # RFC 5321 4.5.3.1.10: 452, the client retries later
         self._seen.add(address)
         self.recipients.append(Recipient(address=address, notify=parsed.notify, orcpt=parsed.orcpt))
         return reply.RECIPIENT_OK
@@ -131,7 +153,9 @@ class Dialog:
         if self.mail is None:
             return reply.NEED_MAIL
         if not self.recipients:
-            return reply.NEED_RCPT
+            # RFC 5321 3.3 and RFC 2920 3.1: after RCPTs that all failed (pipelined, the client
+            # may not have looked yet), "no valid recipients"; with no RCPT at all, a sequence error.
+            return reply.NO_VALID_RECIPIENTS if self._rcpt_tried else reply.NEED_RCPT
         return reply.START_DATA
 
     async def finish_data(self, result: DataResult) -> Reply:
@@ -166,6 +190,7 @@ class Dialog:
             await self._ingest.accept(submission)
         except IngestError as exc:
             return exc.reply  # ingest published the rejected event
+        self.wasted = 0
         return reply.queued(queue_id)
 
     def _rejected(self, refusal: Reply, sender: str, recipients: list[str], size: int = 0) -> None:

@@ -132,6 +132,10 @@ class Receiver:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    def connections_from(self, client_ip: str) -> int:
+        """Open sessions from one client address, over all listeners (what the per-IP limit counts)."""
+        return self._per_ip[client_ip]
+
     # -- called by sessions ---------------------------------------------------------------
 
     def admit(self, session: SmtpSession) -> Reply | None:

@@ -31,6 +31,8 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+# MAIL parameters whose grammar requires "=value" (RFC 1870 3, RFC 6152 2, RFC 3461 4.3-4.4).
+_MAIL_VALUED = ("SIZE", "BODY", "RET", "ENVID")
 MAX_ENVID = 100  # RFC 3461 4.4
 MAX_ORCPT = 500  # RFC 3461 4.2: an ORCPT parameter's value is at most 500 characters
 
@@ -100,6 +102,8 @@ def parse_mail(arg: str | None, *, esmtp: bool, max_size: int) -> MailRequest | 
     params = parse_params(param_text, esmtp=esmtp, smtputf8=True)
     if isinstance(params, Reply):
         return params
+    if any(params.get(keyword) == "" for keyword in _MAIL_VALUED):
+        return reply.BAD_SYNTAX  # `BODY` or `RET` alone is not "BODY=7BIT"
     smtputf8 = False
     if "SMTPUTF8" in params:
         if params.pop("SMTPUTF8"):

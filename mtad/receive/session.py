@@ -1,9 +1,14 @@
 """One SMTP server session on the wire: aiosmtpd's protocol with our own loop, limits and timers.
 
-We subclass aiosmtpd.smtp.SMTP for its transport plumbing (connection_made, STARTTLS and the
-TLS switch-over, push) and replace the rest: the command loop (line and error limits, NUL and
-8-bit checks, no exception text to the peer), the DATA reader (a line ends only at CRLF; size
-and line limits; a data timeout) and the verbs, which ask the Dialog (handler.py) for a reply.
+We subclass aiosmtpd.smtp.SMTP for its transport plumbing (connection_made, which finishes
+the TLS switch-over and discards plaintext pipelined behind STARTTLS) and replace the rest:
+STARTTLS itself (our 220 2.0.0, a handshake deadline), the command loop (line, error and junk limits, NUL
+and 8-bit checks, no exception text to the peer), DATA (read by reading.py; a per-chunk timeout
+and a total deadline) and the verbs, which ask the Dialog (handler.py) for a reply.
+
+Every way out ends in one place: a closing session whose peer does not read (its replies stuck
+in our write buffer) is aborted after a short linger, and a STARTTLS handshake that dies or
+never finishes ends the session, so the per-IP count is always given back.
 
 SMTP.__init__ is deliberately not called: it introspects the handler and the class with
 `inspect.getmembers` on every connection (~100 us, a quarter of a message's cost); we set the
@@ -12,20 +17,22 @@ attributes the inherited methods use instead. Verified against aiosmtpd 1.4.6.
 Trust: everything read from the socket is hostile. Replies are typed Reply values only;
 tracebacks go to the `mtad.receive` log.
 RFCs: 5321 2.3.8 and 4.1.1.4 (CRLF, the final dot), 4.5.2 (transparency), 4.5.3.1.4-6 (line
-limits), 4.5.3.2 (timeouts), 4.1.1.5 (RSET), 3207 (STARTTLS), 2920 (PIPELINING), 6531.
+limits), 4.5.3.2 (timeouts), 4.2.4 (500 vs 502), 4.1.1.5 (RSET), 3207 (STARTTLS), 2920
+(PIPELINING), 6531.
 """
 
 from __future__ import annotations
 
 import asyncio
+from asyncio import sslproto
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiosmtpd.smtp import SMTP
 
 from mtad import reply
-from mtad.receive.data import DataResult
 from mtad.receive.handler import Dialog, Settings
+from mtad.receive.reading import read_command, read_data
 from mtad.reply import Reply
 
 if TYPE_CHECKING:
@@ -34,6 +41,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mtad.receive")
 
 _COMMANDS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP", "STARTTLS")
+# Recognised but not implemented here: 502, not 500 (RFC 5321 4.2.4). TURN, SEND, SOML and
+# SAML are RFC 821 (5321 F.1, F.3); ETRN RFC 1985, ATRN RFC 2645, BDAT RFC 3030 (CHUNKING is not
+# advertised), AUTH RFC 4954 (not advertised on these listeners).
+_UNIMPLEMENTED = frozenset({"TURN", "SEND", "SOML", "SAML", "ETRN", "ATRN", "BDAT", "AUTH"})
+# Commands that move no mail: past max_junk_commands between accepted messages, each is an error.
+_JUNK = frozenset({"HELO", "EHLO", "NOOP", "RSET", "VRFY", "EXPN", "HELP"})
+# How long a closing session may wait for its last reply to leave before it is aborted.
+_LINGER = 5.0
 
 
 class SmtpSession(SMTP):
@@ -80,7 +95,10 @@ class SmtpSession(SMTP):
         self._released = False
         self._wait_limit = float(limits.idle_timeout)
         self._last_activity = 0.0
+        self._deadline = float("inf")
         self._timeout_reply = reply.IDLE_TIMEOUT
+        self._tls_up = False
+        self._linger_handle: asyncio.TimerHandle | None = None
 
     # -- connection lifecycle ---------------------------------------------------------------
 
@@ -97,11 +115,13 @@ class SmtpSession(SMTP):
                                  role=self.role, client_ip=self.client_ip, tls=self._implicit_tls,
                                  clock=self.receiver.clock)
         else:
+            self._tls_up = True
             self.dialog.after_tls()  # type: ignore[union-attr]
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
+        for handle in (self._timeout_handle, self._linger_handle):
+            if handle is not None:
+                handle.cancel()
         if self._original_transport is not None:
             self._original_transport.close()
         asyncio.StreamReaderProtocol.connection_lost(self, error)
@@ -132,10 +152,29 @@ class SmtpSession(SMTP):
             self._abort(final)
 
     def _abort(self, final: Reply) -> None:
+        """Say `final` and close; pipelined commands still buffered are not answered."""
+        self._closing = True
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(f"{final}\r\n".encode("ascii"))  # type: ignore[attr-defined]
+            self._hang_up()
+
+    def _hang_up(self) -> None:
+        """Close; abort if the last replies have not left after a short linger.
+
+        close() waits for the write buffer to empty, which a peer that does not read never
+        lets happen: the socket (and, before, the session's per-IP slot) would be held forever.
+        """
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             transport.close()
+            linger = min(_LINGER, float(self.limits.idle_timeout))
+            self._linger_handle = self.loop.call_later(linger, self._force_close)
+
+    def _force_close(self) -> None:
+        for transport in (self.transport, self._original_transport):
+            if transport is not None:
+                transport.abort()  # type: ignore[attr-defined]
 
     # -- timers: one handle, re-armed lazily, so touching it per line costs a clock read ------
 
@@ -144,36 +183,44 @@ class SmtpSession(SMTP):
         if self._timeout_handle is None:
             self._timeout_handle = self.loop.call_later(self._wait_limit, self._timeout_cb)
 
-    def _set_wait_limit(self, seconds: float) -> None:
-        shorter = seconds < self._wait_limit
+    def _set_wait_limit(self, seconds: float, deadline: float = float("inf")) -> None:
+        """Wait at most `seconds` between lines, and until `deadline` (loop time) in all."""
         self._wait_limit = seconds
-        self._last_activity = self.loop.time()
-        if shorter and self._timeout_handle is not None:
+        self._deadline = deadline
+        self._last_activity = now = self.loop.time()
+        if self._timeout_handle is not None:
             self._timeout_handle.cancel()
-            self._timeout_handle = self.loop.call_later(seconds, self._timeout_cb)
+        self._timeout_handle = self.loop.call_later(min(seconds, deadline - now), self._timeout_cb)
 
     def _timeout_cb(self) -> None:
         if self.transport is None:
             return
-        remaining = self._last_activity + self._wait_limit - self.loop.time()
+        now = self.loop.time()
+        remaining = min(self._last_activity + self._wait_limit, self._deadline) - now
         if self._busy or remaining > 0:
             self._timeout_handle = self.loop.call_later(max(remaining, 0.05), self._timeout_cb)
             return
-        log.info("session.timeout", client=self.client_ip, listener=self.role)
-        self._abort(self._timeout_reply)
+        # RFC 5321 4.5.3.2 times each wait; the deadline also ends a client that trickles a
+        # line just often enough to never be idle (slowloris).
+        slow = now >= self._deadline
+        log.info("session.timeout", client=self.client_ip, listener=self.role, slow=slow)
+        self._abort(reply.DATA_TOO_SLOW if slow and not self._closing else self._timeout_reply)
 
     # -- writing ------------------------------------------------------------------------------
 
     async def _reply(self, answer: Reply | bytes) -> None:
-        if self.transport is None:
+        if self.transport is None or self.transport.is_closing():
             return
         self._writer.write(answer if isinstance(answer, bytes) else f"{answer}\r\n".encode())
         await self._writer.drain()
         if isinstance(answer, Reply) and answer.code >= 500:
-            self._errors += 1
-            if self._errors > self.limits.max_bad_commands:
-                log.info("session.too_many_errors", client=self.client_ip, listener=self.role)
-                self._abort(reply.TOO_MANY_ERRORS)
+            self._count_error()
+
+    def _count_error(self) -> None:
+        self._errors += 1
+        if self._errors > self.limits.max_bad_commands:
+            log.info("session.too_many_errors", client=self.client_ip, listener=self.role)
+            self._abort(reply.TOO_MANY_ERRORS)
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default puts the exception text in the reply; ours never does.
@@ -201,42 +248,26 @@ class SmtpSession(SMTP):
             # Past the per-command guard: STARTTLS failures and the like. Close, quietly.
             log.info("session.closed_on_error", client=self.client_ip, error=type(error).__name__)
         finally:
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.close()
+            self._hang_up()
             self._busy = False
             self._release()
 
     async def _read_command(self) -> bytes | None:
-        """The next command line without its line end; None at EOF. Over-long lines get 500."""
-        reader = self._reader
+        """The next command line without its line end; None at EOF. Over-long lines get 500.
+
+        The idle timer restarts only when a whole line has arrived, so it is also the
+        deadline for one command however slowly its bytes trickle in.
+        """
         while True:
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError:
+            line = await read_command(self._reader, self.limits.max_command_length)
+            if line is None:
                 return None
-            except asyncio.LimitOverrunError as exc:
-                if not await self._skip_line(exc.consumed):
-                    return None
-                line = b""
             self._reset_timeout()
-            if line and len(line) <= self.limits.max_command_length:
+            if line:
                 return line.rstrip(b"\r\n")
             await self._reply(reply.LINE_TOO_LONG)
             if self.transport is None or self.transport.is_closing():
                 return None
-
-    async def _skip_line(self, consumed: int) -> bool:
-        """Discard the rest of an over-long command line; False at EOF."""
-        reader = self._reader
-        await reader.read(consumed)
-        while True:
-            try:
-                await reader.readuntil(b"\n")
-                return True
-            except asyncio.LimitOverrunError as exc:
-                await reader.read(exc.consumed)
-            except asyncio.IncompleteReadError:
-                return False
 
     async def _command(self, line: bytes) -> None:
         if not line or b"\x00" in line or b"\r" in line:
@@ -245,8 +276,12 @@ class SmtpSession(SMTP):
         verb, _, rest = line.partition(b" ")
         name = verb.upper().decode("ascii", "replace")
         if name not in _COMMANDS:
-            await self._reply(reply.UNKNOWN_COMMAND)
+            await self._reply(reply.NOT_IMPLEMENTED if name in _UNIMPLEMENTED else reply.UNKNOWN_COMMAND)
             return
+        dialog = self.dialog
+        assert dialog is not None
+        before = dialog.wasted
+        dialog.wasted += name in _JUNK
         rest = rest.strip(b" ")
         try:
             # Strict UTF-8: bytes that are not UTF-8 never reach the parsers.
@@ -262,9 +297,10 @@ class SmtpSession(SMTP):
             if name == "STARTTLS":
                 raise  # the connection is half switched to TLS: nothing sane left to say
             log.error("session.exception", client=self.client_ip, command=name, exc_info=error)
-            if self.dialog is not None:
-                self.dialog.reset()
+            dialog.reset()
             await self._reply(reply.INTERNAL_ERROR)
+        if dialog.wasted > max(before, self.limits.max_junk_commands):
+            self._count_error()  # in the spirit of Postfix's smtpd_junk_command_limit
 
     # -- verbs ----------------------------------------------------------------------------------
 
@@ -293,8 +329,7 @@ class SmtpSession(SMTP):
     async def smtp_QUIT(self, arg: str | None) -> None:
         await self._reply(reply.GOODBYE)
         self._closing = True
-        if self.transport is not None:
-            self.transport.close()
+        self._hang_up()
 
     async def smtp_VRFY(self, arg: str | None) -> None:
         await self._reply(reply.CANNOT_VRFY if arg else reply.BAD_SYNTAX)
@@ -306,14 +341,30 @@ class SmtpSession(SMTP):
         await self._reply(reply.Reply(214, "2.0.0", "See RFC 5321"))
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
-        if arg:
-            await self._reply(reply.BAD_SYNTAX)
-        elif self._tls_protocol is not None or self._implicit_tls:
-            await self._reply(reply.TLS_ALREADY_ACTIVE)
-        elif self.tls_context is None:
-            await self._reply(reply.TLS_NOT_AVAILABLE)
-        else:
-            await super().smtp_STARTTLS("")
+        refusal = self.dialog.starttls(arg)  # type: ignore[union-attr]
+        if refusal is not None or self.tls_context is None:
+            await self._reply(refusal or reply.TLS_NOT_AVAILABLE)
+            return
+        # Our own switch-over rather than aiosmtpd's: its 220 lacks the enhanced status code
+        # RFC 2034 requires, and its handshake has no deadline of ours.
+        await self._reply(reply.READY_FOR_TLS)
+        waiter = self.loop.create_future()
+        tls = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True,
+                                   ssl_handshake_timeout=self.limits.idle_timeout)  # type: ignore[arg-type]
+        plain = self.transport
+        assert plain is not None
+        self._original_transport = plain
+        self._tls_protocol = tls
+        plain.set_protocol(tls)
+        self.transport = tls._app_transport
+        tls.connection_made(plain)
+        # Once the handshake is done, SSLProtocol calls our connection_made again, which (in
+        # aiosmtpd's code) discards plaintext pipelined behind STARTTLS (RFC 3207 4.2).
+        await waiter  # raises when the handshake fails
+        if not self._tls_up:
+            # The waiter also resolves, without error, when the connection drops mid-handshake:
+            # without this the loop would wait on a dead reader and hold its slot forever.
+            raise ConnectionResetError("TLS handshake did not complete")
 
     async def smtp_DATA(self, arg: str | None) -> None:
         dialog = self.dialog
@@ -322,9 +373,11 @@ class SmtpSession(SMTP):
         await self._reply(answer)
         if answer is not reply.START_DATA:
             return
-        self._set_wait_limit(float(self.limits.data_timeout))
-        result = await self._read_data()
-        self._set_wait_limit(float(self.limits.idle_timeout))
+        limits = self.limits
+        self._set_wait_limit(float(limits.data_timeout), self.loop.time() + float(limits.data_deadline))
+        result = await read_data(self._reader, max_size=limits.max_message_size,
+                                 max_line=limits.max_line_length, touch=self._touch)
+        self._set_wait_limit(float(limits.idle_timeout))
         if result is None:
             dialog.reset()
             self._closing = True  # EOF mid-DATA: nothing acknowledged, nothing stored
@@ -338,46 +391,5 @@ class SmtpSession(SMTP):
         if self._closing:
             self._abort(self._timeout_reply)
 
-    async def _read_data(self) -> DataResult | None:
-        """Read message lines up to the final dot; None when the client went away first.
-
-        A line is whatever ends in CRLF, so `<LF>.<LF>`, `<CR>.<CR>`, `<LF>.<CR><LF>` and
-        `<CR><LF>.<LF>` are data, never the end (RFC 5321 4.1.1.4; SMTP smuggling).
-        """
-        reader = self._reader
-        max_size = self.limits.max_message_size
-        max_line = self.limits.max_line_length
-        clock = self.loop.time
-        lines: list[bytes] = []
-        size = 0
-        too_big = too_long = mid_line = False
-        while True:
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except asyncio.IncompleteReadError:
-                return None
-            except asyncio.LimitOverrunError as exc:
-                chunk = await reader.read(exc.consumed)
-                size += len(chunk)
-                too_long = mid_line = True
-                lines.clear()
-                continue
-            self._last_activity = clock()
-            size += len(line)
-            if mid_line:
-                mid_line = False
-                continue
-            if line == b".\r\n":
-                break
-            if too_big or too_long:
-                continue
-            if len(line) > max_line:
-                too_long = True
-                lines.clear()
-            elif size > max_size:
-                too_big = True
-                lines.clear()
-            else:
-                lines.append(line[1:] if line[:1] == b"." else line)
-        size -= 3
-        return DataResult(b"".join(lines), size, too_big=too_big or size > max_size, line_too_long=too_long)
+    def _touch(self) -> None:
+        self._last_activity = self.loop.time()

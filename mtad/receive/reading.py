@@ -1,0 +1,92 @@
+"""Reading an SMTP stream: command lines and message data, each with its length and size limits.
+
+The session (session.py) owns the timers and the replies; these coroutines only read. A
+command line ends at LF (a bare LF is tolerated there; a CR inside is refused by the session).
+A data line ends only at CRLF, so `<LF>.<LF>`, `<CR>.<CR>`, `<LF>.<CR><LF>`, `<CR><LF>.<LF>`
+and their kin are data, never the end of DATA: one rule, whatever the TCP segmentation.
+
+Trust: every byte is the peer's and hostile. Memory is bounded by the reader's limit per line
+and by the message size limit over the whole message: past either, lines are counted and
+dropped, never kept.
+RFCs: 5321 2.3.8 and 4.1.1.4 (CRLF and the final dot), 4.5.2 (transparency: a leading dot is
+removed), 4.5.3.1.4 and 4.5.3.1.6 (command and text line limits; the stuffed dot does not count),
+1870 (message size counts unstuffed octets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from mtad.receive.data import DataResult
+
+_END = b".\r\n"
+
+
+async def read_command(reader: asyncio.StreamReader, max_length: int) -> bytes | None:
+    """The next command line with its line end; b"" when longer than `max_length` octets
+    (CRLF included; the rest of the line is discarded); None at EOF."""
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError:
+        return None
+    except asyncio.LimitOverrunError as exc:
+        return b"" if await _skip_line(reader, exc.consumed) else None
+    return line if len(line) <= max_length else b""
+
+
+async def _skip_line(reader: asyncio.StreamReader, consumed: int) -> bool:
+    """Discard the rest of an over-long command line; False at EOF."""
+    await reader.read(consumed)
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return True
+        except asyncio.LimitOverrunError as exc:
+            await reader.read(exc.consumed)
+        except asyncio.IncompleteReadError:
+            return False
+
+
+async def read_data(reader: asyncio.StreamReader, *, max_size: int, max_line: int,
+                    touch: Callable[[], None]) -> DataResult | None:
+    """Message lines up to the final dot, unstuffed; None when the client went away first.
+
+    `touch` is called for every complete line (the session's activity clock). Once the
+    message is too big or a line too long, the rest is read and counted but not kept, so the
+    refusal comes after the final dot, where the client listens for it (RFC 5321 4.5.3.1.10).
+    """
+    lines: list[bytes] = []
+    size = 0
+    too_big = too_long = mid_line = False
+    while True:
+        try:
+            line = await reader.readuntil(b"\r\n")
+        except asyncio.IncompleteReadError:
+            return None
+        except asyncio.LimitOverrunError as exc:
+            size += len(await reader.read(exc.consumed))
+            too_long = mid_line = True
+            lines.clear()
+            continue
+        touch()
+        if mid_line:
+            size += len(line)
+            mid_line = False
+            continue
+        if line == _END:
+            break
+        if line[:1] == b".":
+            line = line[1:]  # RFC 5321 4.5.2: the client doubled it; the limits count it once
+        size += len(line)
+        if too_big or too_long:
+            continue
+        if len(line) > max_line:
+            too_long = True
+            lines.clear()
+        elif size > max_size:
+            too_big = True
+            lines.clear()
+        else:
+            lines.append(line)
+    return DataResult(b"".join(lines), size, too_big=too_big or size > max_size, line_too_long=too_long)
