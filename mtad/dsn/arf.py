@@ -12,9 +12,9 @@ RFCs: 5965 (ARF), 6591 (auth-failure reports), 6650 (Removal-Recipient),
 from __future__ import annotations
 
 import re
-from email.message import Message
 from email.utils import getaddresses
 
+from mtad.dsn.entity import Entity
 from mtad.dsn.mime import Parts, header_text
 from mtad.dsn.record import DsnRecord, clean_address
 
@@ -74,13 +74,13 @@ def complaint_records(parts: Parts) -> list[DsnRecord]:
 _MESSAGE_ID = re.compile(r"^message-id:[ \t]*(\S{1,250})", re.IGNORECASE | re.MULTILINE)
 
 
-def _message_id(original: Message | None, inline: str) -> str:
+def _message_id(original: Entity | None, inline: str) -> str:
     if original is not None:
         value = header_text(original, "Message-ID")
         if value:
             return value.split()[0][:250]
-        body = original.get_payload()
-        if isinstance(body, str) and not inline:
+        body = original.body
+        if body and not inline and not original.is_multipart():
             # A stray blank line inside the returned headers pushes the rest into the body.
             inline = body
     if inline:
@@ -105,7 +105,7 @@ _AUTO_SUBJECT = re.compile(
 _AUTO_PREFIX = re.compile(r"^(?:auto:|autoreply:|automatic reply:|out of office:|ooo:)", re.IGNORECASE)
 
 
-def is_auto_reply(msg: Message) -> bool:
+def is_auto_reply(msg: Entity) -> bool:
     """True for a vacation/out-of-office style automatic reply (not a bounce)."""
     auto = header_text(msg, "Auto-Submitted").lower()
     if auto.startswith("auto-replied"):
@@ -118,12 +118,36 @@ def is_auto_reply(msg: Message) -> bool:
     return _subject_says_auto(msg)
 
 
-def _subject_says_auto(msg: Message) -> bool:
+# Automatic answers that hold the message rather than report an absence: challenge-
+# response systems (TMDA, mailbox verification services) and list moderation queues.
+# They carry Auto-Submitted: auto-replied (RFC 3834 section 2) yet say nothing about the
+# recipient's reachability.
+_HELD = re.compile(
+    r"challenge[- ]?response|confirm (?:your|that you|you are)|verify (?:your|that you|you are)|"
+    r"(?:is|has been|was) (?:being )?held|awaits? (?:moderator|approval)|moderator approval|"
+    r"(?:whitelist|allow ?list|approved senders)|captcha|not a (?:robot|spammer)",
+    re.IGNORECASE,
+)
+
+
+def is_held_notice(msg: Entity, text: str) -> bool:
+    """True for a challenge-response or moderation notice (not an absence auto-reply).
+
+    An "Automatic reply: <original subject>" is an absence notice whatever the original
+    subject said, so the subject counts only when it is not shaped like one.
+    """
+    subject = header_text(msg, "Subject").strip()
+    if _AUTO_PREFIX.match(subject) or _AUTO_SUBJECT.match(subject):
+        return False
+    return bool(_HELD.search(subject) or _HELD.search(text))
+
+
+def _subject_says_auto(msg: Entity) -> bool:
     subject = header_text(msg, "Subject").strip()
     return bool(_AUTO_PREFIX.match(subject) or _AUTO_SUBJECT.match(subject))
 
 
-def auto_reply_records(msg: Message) -> list[DsnRecord]:
+def auto_reply_records(msg: Entity) -> list[DsnRecord]:
     author = ""
     for name in ("From", "Reply-To", "Sender", "Return-Path"):
         for _, raw in getaddresses([header_text(msg, name)]):
@@ -137,6 +161,6 @@ def auto_reply_records(msg: Message) -> list[DsnRecord]:
     return [DsnRecord(recipient=author, reason="vacation", class_="auto-reply", message_id=_in_reply_to(msg))]
 
 
-def _in_reply_to(msg: Message) -> str:
+def _in_reply_to(msg: Entity) -> str:
     value = header_text(msg, "In-Reply-To") or header_text(msg, "References")
     return value.split()[0][:250] if value else ""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from mtad.dsn.phrases import COMPILED, DEFINITIVE_USERUNKNOWN, EXACT_ANY, EXACT_COUNT
+from mtad.dsn.phrases import DEFINITIVE_USERUNKNOWN, FILTERED
 from mtad.dsn.record import HARD_REASONS, clean_status
 
 MAX_SCAN = 2048  # characters of reply text the phrase table looks at
@@ -82,10 +82,15 @@ def reason_from_text(text: str) -> str:
     text also names the cause (a DNS failure, a directory server down), the cause wins.
     """
     expired = False
-    table = COMPILED if EXACT_ANY.search(text) else COMPILED[EXACT_COUNT:]
-    for reason, pattern in table:
+    for reason, pattern, needed in FILTERED:
         if expired and reason in _NOT_A_CAUSE:
             continue
+        if needed is not None:
+            for needle in needed:
+                if needle in text:
+                    break
+            else:
+                continue  # none of the words this reason's phrases need: skip the search
         if pattern.search(text):
             if reason != "expired":
                 return reason

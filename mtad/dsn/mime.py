@@ -1,7 +1,7 @@
 """Take any message apart into what a bounce reader needs: headers, report blocks, texts, original.
 
 Pure. Line endings are normalised (CRLF, CR and LF alike) and the input is capped before
-the stdlib `email` parser (compat32 policy: it accepts the broken MIME real MTAs send)
+`mtad.dsn.entity` (our own MIME reader, tolerant of the broken MIME real MTAs send)
 builds the tree. Nothing here decides whether the message is a bounce.
 Trust: the whole input is hostile; sizes are capped and every decoder errs with "replace".
 RFCs: 2045-2047 (MIME, encoded words), 3462/6522 (multipart/report), 3464 (delivery-status
@@ -14,8 +14,8 @@ import html
 import re
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
-from email.message import Message
-from email.parser import BytesParser, HeaderParser
+
+from mtad.dsn.entity import Entity, read_entity
 
 MAX_INPUT = 1 << 20  # bytes of a message we look at; a bounce worth reading is far smaller
 MAX_TEXT = 64 * 1024  # characters of any one text part we keep
@@ -48,14 +48,14 @@ _SCRIPT = re.compile(r"<(script|style)\b[^<>]{0,500}>.{0,20000}?</\1\s*>", re.IG
 class Parts:
     """The pieces of one message, decoded to str."""
 
-    message: Message
+    message: Entity
     ds_text: list[str] = field(default_factory=list)
     """Each delivery-status part as text (blocks separated by blank lines)."""
     feedback: list[list[tuple[str, str]]] = field(default_factory=list)
     """Fields of each message/feedback-report part, in order (repeated fields kept)."""
     texts: list[str] = field(default_factory=list)
     """The human-readable parts, with any inline copy of the original cut off."""
-    original: Message | None = None
+    original: Entity | None = None
     """Headers (and maybe body) of the returned original message."""
     original_text: str = ""
     """An inline copy of the original found in a text part (unparsed)."""
@@ -75,7 +75,7 @@ def normalise(data: bytes) -> bytes:
     return data.lstrip(b"\n")
 
 
-def header_text(msg: Message, name: str) -> str:
+def header_text(msg: Entity, name: str) -> str:
     """A header decoded (RFC 2047) to one line; "" when absent or undecodable."""
     raw = msg.get(name)
     if raw is None:
@@ -91,11 +91,11 @@ def header_text(msg: Message, name: str) -> str:
 
 def split_parts(data: bytes) -> Parts:
     data = trim_originals(normalise(data))
-    msg = BytesParser().parsebytes(data)
-    if not msg.is_multipart() or not isinstance(msg.get_payload(), list):
+    msg = read_entity(data.decode("latin-1"))
+    if not msg.is_multipart():
         repaired = _undeclared_multipart(data)
         if repaired is not None:
-            msg = BytesParser().parsebytes(repaired)
+            msg = read_entity(repaired.decode("latin-1"))
     parts = Parts(message=msg)
     _walk(msg, parts, 0, [0])
     return parts
@@ -165,34 +165,31 @@ def _undeclared_multipart(data: bytes) -> bytes | None:
     return b"\n".join(kept) + b"\n\n" + body
 
 
-def _walk(part: Message, out: Parts, depth: int, count: list[int]) -> None:
+def _walk(part: Entity, out: Parts, depth: int, count: list[int]) -> None:
     count[0] += 1
     if count[0] > MAX_PARTS or depth > 8:
         return
     ctype = part.get_content_type()
     if ctype in _DS_TYPES:
-        out.ds_text.append(_block_text(part))
+        out.ds_text.append(_decoded(part))
     elif ctype in _FEEDBACK_TYPES:
-        out.feedback.append(_fields(_block_text(part)))
+        out.feedback.append(_fields(_decoded(part)))
     elif ctype in _ORIGINAL_TYPES:
-        inner = part.get_payload()
-        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
-            if out.original is None:
-                out.original = inner[0]
-        elif isinstance(inner, str) and out.original is None:
-            out.original = HeaderParser().parsestr(_decoded(part))
+        if out.original is None:
+            out.original = part.inner()
     elif ctype in _HEADER_TYPES:
         if out.original is None:
-            out.original = HeaderParser().parsestr(_decoded(part))
-    elif part.is_multipart():
-        payload = part.get_payload()
-        if isinstance(payload, list):
-            for sub in payload:
-                if isinstance(sub, Message):
-                    _walk(sub, out, depth + 1, count)
+            out.original = read_entity(_decoded(part))
+    elif part.parts is not None:
+        for sub in part.parts:
+            _walk(sub, out, depth + 1, count)
+    elif ctype.startswith("message/"):
+        # Other embedded messages (an MDN's fields, message/external-body) are read as
+        # a message whose own body is the text, as the stdlib parser presents them.
+        _walk(part.inner(), out, depth + 1, count)
     elif ctype.startswith(("text/", "multipart/")) or ctype == "application/octet-stream" and depth == 0:
         # A multipart whose boundary never appears is text as far as a reader can tell.
-        if part.get_filename() and depth > 0:
+        if depth > 0 and part.get_filename():
             return
         text = _decoded(part)
         if ctype == "text/html":
@@ -203,15 +200,9 @@ def _walk(part: Message, out: Parts, depth: int, count: list[int]) -> None:
             out.original_text = original
 
 
-def _decoded(part: Message) -> str:
+def _decoded(part: Entity) -> str:
     """A leaf part's body as text: transfer-decoded, charset-decoded, capped."""
-    try:
-        raw = part.get_payload(decode=True)
-    except (ValueError, TypeError, AssertionError):
-        raw = None
-    if not isinstance(raw, bytes):
-        payload = part.get_payload()
-        return payload[:MAX_TEXT] if isinstance(payload, str) else ""
+    raw = part.body_bytes()
     charset = part.get_content_charset() or "utf-8"
     try:
         text = raw[: MAX_TEXT * 2].decode(charset, "replace")
@@ -220,38 +211,6 @@ def _decoded(part: Message) -> str:
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text[:MAX_TEXT]
-
-
-def _block_text(part: Message) -> str:
-    """A report part (delivery-status, feedback-report) back as its field text.
-
-    compat32 has already split message/delivery-status into one pseudo-message per block
-    and other message/* types into a message; join them back so one field parser serves
-    every shape (including bodies that were base64- or QP-encoded).
-    """
-    payload = part.get_payload()
-    if isinstance(payload, str):
-        return _decoded(part)
-    blocks: list[str] = []
-    if isinstance(payload, list):
-        for sub in payload[:MAX_PARTS]:
-            if isinstance(sub, Message):
-                blocks.append(_pseudo_message_text(sub))
-    return "\n\n".join(blocks)[:MAX_TEXT]
-
-
-def _pseudo_message_text(msg: Message) -> str:
-    lines = [f"{k}: {' '.join(str(v).split())}" for k, v in msg.items()]
-    body = msg.get_payload()
-    if isinstance(body, str) and body.strip():
-        lines.append("")
-        lines.append(body)
-    elif isinstance(body, list):
-        for sub in body:
-            if isinstance(sub, Message):
-                lines.append("")
-                lines.append(_pseudo_message_text(sub))
-    return "\n".join(lines)
 
 
 _FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9\-]{0,60})[ \t]*:[ \t]*(.*)$")

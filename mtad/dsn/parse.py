@@ -5,11 +5,12 @@ pattern is linear). Order of evidence: an ARF report is a complaint; a message/d
 status part gives the recipients and codes, the human-readable part fills in missing
 reply text; a message that only looks like a bounce (null sender, MAILER-DAEMON, a bounce
 subject, X-Failed-Recipients, multipart/report) is scraped; an RFC 3834 auto-reply gives
-one auto-reply record; anything else gives nothing.
+one auto-reply record (not a challenge-response or moderation notice, which also carry
+Auto-Submitted); anything else gives nothing, read receipts and TLS reports included.
 Trust: the whole input is hostile (anyone can send us a "bounce"); attribution to our
 own mail (VERP, Message-ID) is the caller's job.
 RFCs: 3464 (DSN), 3462/6522 (multipart/report), 5965 (ARF), 3834 (auto-replies),
-3463 (status codes).
+3463 (status codes), 8098 (MDN) and 8460 (TLS-RPT) as what is not a bounce.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from mtad.dsn.arf import (
     complaint_records,
     is_auto_reply,
     is_feedback_report,
+    is_held_notice,
     message_id,
 )
 from mtad.dsn.classify import classify, fold, reason_from_text, reply_code
+from mtad.dsn.entity import Entity
 from mtad.dsn.mime import Parts, header_text, split_parts
 from mtad.dsn.record import (
     ADDRESS_RE,
@@ -57,6 +60,7 @@ _BOUNCE_SUBJECT = re.compile(
     re.IGNORECASE,
 )
 
+_OTHER_REPORTS = frozenset({"disposition-notification", "tlsrpt"})
 _INLINE_DS = re.compile(
     r"^[ \t]*(?:reporting-mta|original-envelope-id|final-recipient|original-recipient|action)[ \t]*:",
     re.IGNORECASE | re.MULTILINE,
@@ -104,6 +108,8 @@ def _parse(data: bytes) -> list[DsnRecord]:
     if not records and (bounce or parts.ds_text):
         records = _from_text(parts)
     if not records and not bounce and not parts.ds_text and is_auto_reply(msg):
+        if is_held_notice(msg, _human_text(parts)[:4000]):
+            return []  # challenge-response or moderation: the mail waits, nobody is away
         return auto_reply_records(msg)
     return records
 
@@ -113,7 +119,10 @@ def _looks_like_bounce(parts: Parts) -> bool:
     if msg.get("X-Failed-Recipients") is not None:
         return True
     if msg.get_content_type() == "multipart/report":
-        return True
+        # Read receipts (RFC 8098) and TLS reports (RFC 8460) share the container.
+        report_type = (msg.get_param("report-type") or "").strip().lower()
+        if report_type not in _OTHER_REPORTS:
+            return True
     sender = header_text(msg, "From")
     if _BOUNCE_FROM.search(sender):
         return True
@@ -129,12 +138,15 @@ def _looks_like_bounce(parts: Parts) -> bool:
 
 def _own_addresses(parts: Parts) -> frozenset[str]:
     """Addresses of the bounce's own envelope and headers: never failed recipients."""
-    msg = parts.message
+    return _addresses(parts.message, ("From", "Sender", "Errors-To"))
+
+
+def _addresses(msg: Entity, names: tuple[str, ...]) -> frozenset[str]:
     found: set[str] = set()
-    for name in ("From", "Sender", "Errors-To"):
+    for name in names:
         value = msg.get(name)
         if value is not None:
-            found.update(m.group(1).lower() for m in ADDRESS_RE.finditer(str(value)[:1000]))
+            found.update(m.group(1).lower() for m in ADDRESS_RE.finditer(value[:1000]))
     return frozenset(found)
 
 
@@ -186,6 +198,11 @@ def _from_text(parts: Parts) -> list[DsnRecord]:
         found = [by_addr.get(a.lower()) or Scraped(recipient=a) for a in listed if a]
     if not found:
         found = [Scraped(recipient=a) for a in _original_recipients(parts)]
+    if parts.original is None and not parts.original_text:
+        # A notice to the user about their own mailbox (a postmaster's quota warning)
+        # names its addressee; a bounce naming its own addressee shows a code for it.
+        addressees = _addresses(parts.message, ("To", "Delivered-To", "X-Original-To"))
+        found = [s for s in found if s.recipient.lower() not in addressees or s.code or s.status]
     original_id = message_id(parts.original, parts.original_text)
     delayed = _says_delayed(header_text(parts.message, "Subject"), text)
     records = []

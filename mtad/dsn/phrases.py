@@ -1,6 +1,7 @@
 """Phrase tables: which words in a remote reply mean which bounce reason (sisimai v5 names).
 
-Pure data plus one compiled matcher. The phrases generalise the documented replies of
+Pure data plus compiled matchers, each with the literals it needs (mtad.dsn.needles) so
+the classifier skips reasons whose words are absent. The phrases generalise the documented replies of
 the big MTAs and mailbox providers (Postfix, Exim, Sendmail, qmail, Exchange/Office 365,
 Gmail/Google Workspace, Yahoo, Outlook.com, Apple, Orange, Amazon SES, ...); they are
 matched case-insensitively against whitespace-folded text. Order matters: the first
@@ -11,6 +12,8 @@ reply, a full mailbox reported with 5.1.1) come before broad ones.
 from __future__ import annotations
 
 import re
+
+from mtad.dsn.needles import needles
 
 # (reason, regex fragments). Fragments are plain regexes over lower-case folded text;
 # keep them anchored to words and free of nested quantifiers (bounded time).
@@ -32,7 +35,6 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("onhold", (r"\bon hold\b",)),
     ("spamdetected", (r"(?:due to|because of|as|for) (?:suspected )?spam\b", r"spam classification")),
     ("systemerror", (r"queue file write error",)),
-    ("", ()),  # end of the narrow block (see EXACT_ANY)
     ("networkerror", (
         # Transient DNS trouble, not a missing domain (Postfix, Sendmail wordings).
         r"host not found, try again", r"malformed or unexpected name server", r"host name lookup failure",
@@ -241,12 +243,7 @@ def _compile(table: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[tuple[str,
     return tuple(out)
 
 
-_SPLIT = TABLE.index(("", ()))
-COMPILED = _compile(TABLE[:_SPLIT] + TABLE[_SPLIT + 1 :])
-EXACT_COUNT = len(_compile(TABLE[:_SPLIT]))
-# One search decides whether any of the narrow leading phrases occur at all; the
-# per-reason patterns of that block run only when one does (most replies skip it).
-EXACT_ANY = re.compile("|".join(f"(?:{_fast(f)})" for _, frags in TABLE[:_SPLIT] for f in frags))
+COMPILED = _compile(TABLE)
 
 # Replies that only come out of a recipient lookup (the producer says them at RCPT or
 # from its own directory, never from a content filter): userunknown even when the
@@ -261,3 +258,20 @@ DEFINITIVE_USERUNKNOWN = re.compile(
     r"mailbox (?:does not|doesn't) exist"
 )
 REASONS = tuple(reason for reason, _ in COMPILED)
+
+
+def _entry_needles(frags: tuple[str, ...]) -> tuple[str, ...] | None:
+    found: list[str] = []
+    for fragment in frags:
+        need = needles(_fast(fragment))
+        if need is None:
+            return None
+        found.extend(need)
+    return tuple(dict.fromkeys(found))
+
+
+# COMPILED with, per reason, the literals one of which must occur for its pattern to
+# match (see mtad.dsn.needles); None means "always search".
+FILTERED: tuple[tuple[str, re.Pattern[str], tuple[str, ...] | None], ...] = tuple(
+    (reason, pattern, _entry_needles(frags)) for (reason, pattern), (_, frags) in zip(COMPILED, TABLE)
+)
