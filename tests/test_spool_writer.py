@@ -108,14 +108,28 @@ async def test_future_resolves_only_after_the_commit(tables: Tables) -> None:
         await spool.close()
 
 
+async def queue_behind_a_blocked_commit(faulty: FaultyEnv, spool: Spool, stores: list[Any]) -> asyncio.Future[Any]:
+    """Hold the writer inside the commit of one store, then queue `stores` (coroutines) behind
+    it, so that they all reach the writer's queue before it collects its next batch."""
+    faulty.commit_may_go.clear()
+    blocker = asyncio.ensure_future(spool.store(envelope(), RCPTS, b"blocker"))
+    assert await asyncio.to_thread(faulty.commit_entered.wait, 30)
+    queued = asyncio.gather(*stores, return_exceptions=True)
+    await asyncio.sleep(0)  # one scheduling turn: each store task runs up to its enqueue
+    return asyncio.gather(blocker, queued, return_exceptions=True)
+
+
 @pytest.mark.asyncio
 async def test_failed_commit_fails_the_batch_then_recovers(tables: Tables) -> None:
     faulty = FaultyEnv(tables.env)
     spool = spool_with(tables, faulty, linger=0.05)
     try:
-        faulty.fail_commits = 1
         doomed = [envelope() for _ in range(5)]
-        results = await asyncio.gather(*(spool.store(e, RCPTS, b"x") for e in doomed), return_exceptions=True)
+        both = await queue_behind_a_blocked_commit(faulty, spool, [spool.store(e, RCPTS, b"x") for e in doomed])
+        faulty.fail_commits = 2  # the blocker's commit, then the one holding all five
+        faulty.commit_may_go.set()
+        blocker, results = await both
+        assert isinstance(blocker, SpoolFailed)
         assert all(isinstance(r, SpoolFailed) for r in results), results
         assert not spool.writable()
         assert all(spool.get(e.id) is None for e in doomed)  # nothing of them stored
@@ -123,33 +137,76 @@ async def test_failed_commit_fails_the_batch_then_recovers(tables: Tables) -> No
         await spool.store(ok, RCPTS, b"x")
         assert spool.writable() and spool.get(ok.id) is not None
     finally:
+        faulty.commit_may_go.set()
         await spool.close()
 
 
 @pytest.mark.asyncio
 async def test_map_full_fails_only_the_big_message(tmp_path: Path) -> None:
-    spool = Spool.open(str(tmp_path / "spool"), map_size=2 * MB, commit_linger=0.2)
+    tables = open_tables(str(tmp_path / "spool"), map_size=2 * MB)
+    faulty = FaultyEnv(tables.env)
+    spool = spool_with(tables, faulty)
     try:
         big = envelope(4 * MB)
         small = [envelope() for _ in range(20)]
-        # One batch (200 ms linger): the huge message sits in the middle of its neighbours.
-        results = await asyncio.gather(
+        # One batch: the huge message sits in the middle of its neighbours.
+        both = await queue_behind_a_blocked_commit(faulty, spool, [
             *(spool.store(e, RCPTS, b"small") for e in small[:10]),
             spool.store(big, RCPTS, bytes(4 * MB)),
             *(spool.store(e, RCPTS, b"small") for e in small[10:]),
-            return_exceptions=True,
-        )
+        ])
+        faulty.commit_may_go.set()
+        blocker, results = await both
+        assert blocker is None
         assert isinstance(results[10], SpoolFull)
         assert [r for i, r in enumerate(results) if i != 10] == [None] * 20
-        assert spool.commits == 1
+        assert spool.commits == 2  # the blocker's, then one for the twenty that fit
         assert spool.get(big.id) is None and spool.read_body(big.id) is None
         assert all(spool.read_body(e.id) == b"small" for e in small)
         assert spool.writable()
         later = envelope()
         await spool.store(later, RCPTS, b"still works")
         assert spool.read_body(later.id) == b"still works"
-        assert spool.count() == 21
+        assert spool.count() == 22
     finally:
+        faulty.commit_may_go.set()
+        await spool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_lone_writer_does_not_wait_out_the_linger(tmp_path: Path) -> None:
+    # A 30 s linger: were a lone store held for company, these would take minutes (and time out).
+    spool = Spool.open(str(tmp_path / "spool"), map_size=64 * MB, commit_linger=30.0)
+    try:
+        started = time.monotonic()
+        for _ in range(20):
+            await spool.store(envelope(), RCPTS, b"one at a time")
+        assert (spool.commits, spool.committed_writes) == (20, 20)
+        assert time.monotonic() - started < 15.0
+    finally:
+        await spool.close()
+
+
+@pytest.mark.asyncio
+async def test_after_a_group_the_writer_lingers_for_the_rest_of_it(tables: Tables) -> None:
+    # Twenty writers committed together; then their next ops come one by one, each after the
+    # previous one's enqueue. The writer waits (up to the linger) until it has all twenty again.
+    faulty = FaultyEnv(tables.env)
+    spool = spool_with(tables, faulty, linger=30.0, max_batch=64)
+    try:
+        first = await queue_behind_a_blocked_commit(faulty, spool, [spool.store(envelope(), RCPTS, b"x")
+                                                                    for _ in range(20)])
+        faulty.commit_may_go.set()
+        await first
+        assert spool.commits == 2  # the blocker, then all twenty
+        stores = []
+        for _ in range(20):
+            stores.append(asyncio.ensure_future(spool.store(envelope(), RCPTS, b"y")))
+            await asyncio.sleep(0)
+        await asyncio.gather(*stores)
+        assert spool.commits == 3, spool.commits
+    finally:
+        faulty.commit_may_go.set()
         await spool.close()
 
 

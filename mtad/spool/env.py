@@ -71,6 +71,10 @@ def open_tables(directory: str, *, map_size: int) -> Tables:
             mode=0o600,
             max_readers=MAX_READERS,
             max_dbs=len(codec.TABLES) + 2,
+            # MDB_NORDAHEAD (madvise RANDOM): a cold start reads only the pages it needs, not
+            # the bodies around them. (It does not stop the kernel's fault-around on a warm
+            # page cache; see spool/README.md, "Memory".)
+            readahead=False,
         )
     except lmdb.Error as exc:
         os.close(lock_fd)

@@ -1,11 +1,12 @@
 """The spool's one writer thread: every LMDB write, grouped into synced commits.
 
 Callers on the event loop submit a write operation (a function of the write transaction) and
-await its future. The thread takes the first waiting operation, keeps collecting for up to
-`linger` seconds or `max_batch` operations, applies them all in one transaction and commits it
-with sync; only then does it resolve the futures, in one hop back to each loop
-(`call_soon_threadsafe`). So "the future resolved" always means "the write is on disk", and many
-concurrent writers share one fsync (group commit).
+await its future. The thread takes the first waiting operation and everything queued behind it;
+when the previous commit showed several writers at work it keeps collecting for up to `linger`
+seconds (or `max_batch` operations) for the rest of them (see _collect); it applies the batch
+in one transaction and commits it with sync; only then does it resolve the futures, in one hop
+back to each loop (`call_soon_threadsafe`). So "the future resolved" always means "the write
+is on disk", and many concurrent writers share one fsync (group commit).
 
 Failure isolation: an operation that hits MapFullError gets SpoolFull and the batch is retried
 without it, so one huge message cannot fail its neighbours. A failed commit fails the whole
@@ -72,6 +73,8 @@ class Writer:
         self._dead = False
         self._healthy = True
         self._current: list[_Op] = []
+        self._previous_batch = 1
+        """Ops in the last batch: how many writers to expect in the next (see _collect)."""
         self._thread = threading.Thread(target=self._run, name="mtad-spool-writer", daemon=True)
         self.commits = 0
         """Synced commits so far."""
@@ -140,22 +143,28 @@ class Writer:
             self._die()
 
     def _collect(self) -> tuple[list[_Op], _Op | None]:
-        """The next batch: the first waiting op, then whatever arrives within the linger.
+        """The next batch: the first waiting op, whatever is queued behind it, and, when more
+        writers are known to be active, whatever else arrives within the linger.
 
-        The linger counts from when the first op was queued: ops that queued up while the
-        previous commit was syncing have waited long enough and go straight into this one.
+        How many writers are active is read from the previous batch: a commit of N ops means N
+        callers were writing, and each may be back with its next op soon. So the thread lingers
+        only while the batch is smaller than the previous one, and never longer than `linger`
+        after the first op was queued. A lone writer (previous batch of one, nothing else
+        queued) commits at once instead of waiting out the linger for company that never comes.
+        Ops that queued up while the previous commit was syncing go straight into this one.
         """
         first = self._queue.get()
         if first.apply is None:
             return [], first
         batch = [first]
+        expected = min(self._max_batch, max(self._previous_batch, 1))
         deadline = first.enqueued + self._linger
         while len(batch) < self._max_batch:
             try:
                 op = self._queue.get_nowait()
             except queue.Empty:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if len(batch) >= expected or remaining <= 0:
                     break
                 try:
                     op = self._queue.get(timeout=remaining)
@@ -164,6 +173,7 @@ class Writer:
             if op.apply is None:
                 return batch, op
             batch.append(op)
+        self._previous_batch = len(batch)
         return batch, None
 
     def _commit(self, batch: list[_Op]) -> None:
