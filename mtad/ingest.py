@@ -7,7 +7,10 @@ accept() returns: acknowledged means durable (DESIGN principle 2). When the spoo
 accept() publishes a `rejected` event and raises IngestError carrying the bland reply to send.
 
 The message is never re-serialised: header lines are inserted as bytes at the top, and only
-the header section is scanned (one regex match up to the blank line), never the body.
+the header section is scanned (one regex match up to the blank line), never the body. A body
+handed over as a bytearray (the SMTP receiver's) is taken over and our lines are inserted into
+it in place, so a message of tens of MB is held once, not copied; a bytes body is copied once.
+A header section above 256 KiB (hostile, or a mail loop's) is searched in a worker thread.
 
 Trust: the body is the client's and hostile; we only read its header section.
 RFCs: 5321 4.4 (trace fields), 5322 3.3 (date-time), 3.6.4 (Message-ID), 3.6.7 (trace order).
@@ -15,6 +18,7 @@ RFCs: 5321 4.4 (trace fields), 5322 3.3 (date-time), 3.6.4 (Message-ID), 3.6.7 (
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -36,6 +40,8 @@ log = structlog.get_logger("mtad.ingest")
 _HEADER_SECTION = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*")
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+# Above this, the header section is searched off the loop (DESIGN principle 7).
+_THREAD_SECTION = 256 * 1024
 
 
 class Submission(msgspec.Struct, kw_only=True):
@@ -44,8 +50,9 @@ class Submission(msgspec.Struct, kw_only=True):
     sender: str
     """Envelope sender; "" for the null sender <>."""
     recipients: list[Recipient]
-    body: bytes
-    """The message as received (dot-unstuffed, CRLF line ends), without our trace header."""
+    body: bytes | bytearray
+    """The message as received (dot-unstuffed, CRLF line ends), without our trace header. A
+    bytearray is taken over: accept() inserts the header lines into it."""
     client_address: str = ""
     helo: str = ""
     listener: str = ""
@@ -59,6 +66,9 @@ class Submission(msgspec.Struct, kw_only=True):
     """Trace header line(s) to prepend, CRLF-terminated (the SMTP receiver builds its Received)."""
     queue_id: str = ""
     """The queue id, when the caller allocated it first (it appears in `received`); else ingest does."""
+    header_end: int = -1
+    """header_section_end(body), when the caller already knows it (the SMTP receiver finds it
+    while reading); -1: ingest finds it."""
 
 
 class IngestError(Exception):
@@ -70,10 +80,10 @@ class IngestError(Exception):
 
 
 class SpoolWriter(Protocol):
-    async def store(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> None: ...
+    async def store(self, envelope: Envelope, recipients: list[Recipient], body: bytes | memoryview) -> None: ...
 
 
-def header_section_end(body: bytes) -> int:
+def header_section_end(body: bytes | bytearray) -> int:
     """Offset just past the header section: where the blank line (or non-header text) starts."""
     match = _HEADER_SECTION.match(body)
     return match.end() if match else 0
@@ -98,6 +108,36 @@ def find_field(section: bytes, lowered: bytes, name: bytes) -> bytes | None:
     return b" ".join(raw.split()).strip()
 
 
+def trace_fields(section: bytes) -> tuple[bytes | None, bool]:
+    """The Message-ID field's value (None when absent) and whether a Date field is present."""
+    lowered = section.lower()
+    return find_field(section, lowered, b"message-id:"), find_field(section, lowered, b"date:") is not None
+
+
+def insert_at_top(body: bytes | bytearray, end: int, added: list[bytes]) -> bytes | bytearray:
+    """The message with `added` on top; a blank line goes in at `end` when what stands there is
+    not the blank line ending the header section (text that is not a header field, where
+    headers should be), so the fields we add cannot swallow it into the header section.
+
+    A bytearray is changed in place (two memmoves, no second copy); bytes are copied once.
+    """
+    if end < len(body) and body[end:end + 2] != b"\r\n" and end > 0:
+        split = end
+    elif end == 0 and body and not body.startswith(b"\r\n"):
+        split = 0
+    else:
+        split = -1
+    if isinstance(body, bytearray):
+        if split >= 0:
+            body[split:split] = b"\r\n"
+        body[0:0] = b"".join(added)
+        return body
+    if split >= 0:
+        added = [*added, body[:split], b"\r\n"]
+    view = memoryview(body)
+    return b"".join([*added, view[max(split, 0):]])
+
+
 def rfc5322_date(now: float) -> str:
     """`Mon, 02 Jan 2006 15:04:05 +0000` (RFC 5322 3.3), locale-independent, in UTC."""
     t = time.gmtime(now)
@@ -120,23 +160,20 @@ class Ingest:
         now = self._clock()
         queue_id = submission.queue_id or new_queue_id(now)
         body = submission.body
-        end = header_section_end(body)
-        section = body[:end]
-        lowered = section.lower()
+        end = submission.header_end if submission.header_end >= 0 else header_section_end(body)
+        section = bytes(memoryview(body)[:end])
+        if end > _THREAD_SECTION:
+            message_id, has_date = await asyncio.to_thread(trace_fields, section)
+        else:
+            message_id, has_date = trace_fields(section)
+        del section
         added = [submission.received]
-        message_id = find_field(section, lowered, b"message-id:")
         if not message_id:
             message_id = f"<{queue_id}@{self._hostname}>".encode("ascii")
             added.append(b"Message-ID: " + message_id + b"\r\n")
-        if find_field(section, lowered, b"date:") is None:
+        if not has_date:
             added.append(f"Date: {rfc5322_date(now)}\r\n".encode("ascii"))
-        if end < len(body) and body[end:end + 2] != b"\r\n" and end > 0:
-            # Text that is not a header field where headers should be: start the body there,
-            # so the fields we add above cannot swallow it into the header section.
-            body = body[:end] + b"\r\n" + body[end:]
-        elif end == 0 and body and not body.startswith(b"\r\n"):
-            body = b"\r\n" + body
-        data = b"".join(added) + body
+        data = insert_at_top(body, end, added)
         message_id_text = message_id.decode("utf-8", "replace")[:998]
         envelope = Envelope(
             id=queue_id, sender=submission.sender, arrival_time=now, size=len(data),
@@ -147,7 +184,12 @@ class Ingest:
         )
         addresses = [r.address for r in submission.recipients]
         try:
-            await self._spool.store(envelope, submission.recipients, data)
+            if isinstance(data, bytearray):
+                # The view pins the buffer (it cannot be resized) until the commit holds it.
+                with memoryview(data) as view:
+                    await self._spool.store(envelope, submission.recipients, view)
+            else:
+                await self._spool.store(envelope, submission.recipients, data)
         except (SpoolFull, SpoolFailed) as exc:
             refusal = reply.SPOOL_FULL if isinstance(exc, SpoolFull) else reply.SPOOL_FAILED
             log.warning("ingest.spool_refused", queue_id=queue_id, error=str(exc))

@@ -40,7 +40,7 @@ class FakeSpool:
         self.stored: list[tuple[Any, list[Any], bytes]] = []
         self.fail = fail
 
-    async def store(self, envelope: Any, recipients: Any, body: bytes) -> None:
+    async def store(self, envelope: Any, recipients: Any, body: bytes | memoryview) -> None:
         if self.fail is not None:
             raise self.fail
         self.stored.append((envelope, list(recipients), bytes(body)))

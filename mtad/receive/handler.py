@@ -184,7 +184,7 @@ class Dialog:
             sender=sender, recipients=recipients, body=checked, client_address=self.client_ip,
             helo=self.helo, listener=self.role, protocol=protocol, smtputf8=mail.smtputf8,
             body_type=mail.body_type, ret=mail.ret, envid=mail.envid, received=trace,
-            queue_id=queue_id,
+            queue_id=queue_id, header_end=result.header_end,
         )
         try:
             await self._ingest.accept(submission)

@@ -5,9 +5,9 @@ command line ends at LF (a bare LF is tolerated there; a CR inside is refused by
 A data line ends only at CRLF, so `<LF>.<LF>`, `<CR>.<CR>`, `<LF>.<CR><LF>`, `<CR><LF>.<LF>`
 and their kin are data, never the end of DATA: one rule, whatever the TCP segmentation.
 
-Trust: every byte is the peer's and hostile. Memory is bounded by the reader's limit per line
-and by the message size limit over the whole message: past either, lines are counted and
-dropped, never kept.
+Trust: every byte is the peer's and hostile. Memory is bounded by the reader's limit per
+command line and, for DATA, by the message size limit: past it (or past the line limit) the
+data is counted and dropped, never kept.
 RFCs: 5321 2.3.8 and 4.1.1.4 (CRLF and the final dot), 4.5.2 (transparency: a leading dot is
 removed), 4.5.3.1.4 and 4.5.3.1.6 (command and text line limits; the stuffed dot does not count),
 1870 (message size counts unstuffed octets).
@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from mtad.receive.data import DataResult
+from mtad.receive.data import DataParser, DataResult
 
-_END = b".\r\n"
+_DOT_CRLF = b".\r\n"
 
 
 async def read_command(reader: asyncio.StreamReader, max_length: int) -> bytes | None:
@@ -50,43 +50,29 @@ async def _skip_line(reader: asyncio.StreamReader, consumed: int) -> bool:
 
 async def read_data(reader: asyncio.StreamReader, *, max_size: int, max_line: int,
                     touch: Callable[[], None]) -> DataResult | None:
-    """Message lines up to the final dot, unstuffed; None when the client went away first.
+    """The message up to the final dot, unstuffed and checked (DataParser); None when the
+    client went away first.
 
-    `touch` is called for every complete line (the session's activity clock). Once the
-    message is too big or a line too long, the rest is read and counted but not kept, so the
-    refusal comes after the final dot, where the client listens for it (RFC 5321 4.5.3.1.10).
+    Read in chunks, not lines: up to the next `.<CRLF>`, or whatever is buffered when there is
+    none. That `.<CRLF>` ends DATA only when its dot starts a line; otherwise it is data like
+    the rest. Nothing past the final dot is consumed, so pipelined commands stay in the reader.
+    `touch` is called for every chunk (the session's activity clock). Once the message is too
+    big or a line too long, the rest is read and counted but not kept, so the refusal comes
+    after the final dot, where the client listens for it (RFC 5321 4.5.3.1.10).
     """
-    lines: list[bytes] = []
-    size = 0
-    too_big = too_long = mid_line = False
+    parser = DataParser(max_size=max_size, max_line=max_line)
     while True:
         try:
-            line = await reader.readuntil(b"\r\n")
+            chunk = await reader.readuntil(_DOT_CRLF)
         except asyncio.IncompleteReadError:
             return None
         except asyncio.LimitOverrunError as exc:
-            size += len(await reader.read(exc.consumed))
-            too_long = mid_line = True
-            lines.clear()
+            # No `.<CRLF>` starts within the first `consumed` octets: data, whatever follows.
+            parser.feed(await reader.readexactly(exc.consumed))
+            touch()
             continue
         touch()
-        if mid_line:
-            size += len(line)
-            mid_line = False
-            continue
-        if line == _END:
-            break
-        if line[:1] == b".":
-            line = line[1:]  # RFC 5321 4.5.2: the client doubled it; the limits count it once
-        size += len(line)
-        if too_big or too_long:
-            continue
-        if len(line) > max_line:
-            too_long = True
-            lines.clear()
-        elif size > max_size:
-            too_big = True
-            lines.clear()
-        else:
-            lines.append(line)
-    return DataResult(b"".join(lines), size, too_big=too_big or size > max_size, line_too_long=too_long)
+        if parser.ends(chunk):
+            parser.feed(chunk[:-3])
+            return parser.result()
+        parser.feed(chunk)

@@ -3,8 +3,8 @@
 We subclass aiosmtpd.smtp.SMTP for its transport plumbing (connection_made, which finishes
 the TLS switch-over and discards plaintext pipelined behind STARTTLS) and replace the rest:
 STARTTLS itself (our 220 2.0.0, a handshake deadline), the command loop (line, error and junk limits, NUL
-and 8-bit checks, no exception text to the peer), DATA (read by reading.py; a per-chunk timeout
-and a total deadline) and the verbs, which ask the Dialog (handler.py) for a reply.
+and 8-bit checks, no exception text to the peer), DATA (read in chunks by reading.py; a timeout
+between line ends and a total deadline) and the verbs, which ask the Dialog (handler.py) for a reply.
 
 Every way out ends in one place: a closing session whose peer does not read (its replies stuck
 in our write buffer) is aborted after a short linger, and a STARTTLS handshake that dies or
@@ -91,6 +91,7 @@ class SmtpSession(SMTP):
         self._refusal: Reply | None = None
         self._errors = 0
         self._busy = False
+        self._in_data = False
         self._closing = False
         self._released = False
         self._wait_limit = float(limits.idle_timeout)
@@ -131,6 +132,14 @@ class SmtpSession(SMTP):
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
         self._release()
+
+    def data_received(self, data: bytes) -> None:
+        # DATA is read in chunks, not lines (reading.py): here, a line end arriving is the
+        # activity that restarts the data timeout (RFC 5321 4.5.3.2.5), so a line trickled
+        # byte by byte is still idle, as between commands.
+        if self._in_data and b"\n" in data:
+            self._last_activity = self.loop.time()
+        asyncio.StreamReaderProtocol.data_received(self, data)
 
     def eof_received(self) -> bool | None:
         # aiosmtpd cancels the session here, even when a message is half way into the spool;
@@ -375,8 +384,12 @@ class SmtpSession(SMTP):
             return
         limits = self.limits
         self._set_wait_limit(float(limits.data_timeout), self.loop.time() + float(limits.data_deadline))
-        result = await read_data(self._reader, max_size=limits.max_message_size,
-                                 max_line=limits.max_line_length, touch=self._touch)
+        self._in_data = True
+        try:
+            result = await read_data(self._reader, max_size=limits.max_message_size,
+                                     max_line=limits.max_line_length, touch=self._touch)
+        finally:
+            self._in_data = False
         self._set_wait_limit(float(limits.idle_timeout))
         if result is None:
             dialog.reset()
