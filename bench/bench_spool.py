@@ -5,7 +5,8 @@
 1. store throughput of 1 KB messages with 1, 20 and 100 concurrent asyncio producers, and the
    writes each synced commit carried (group commit at work);
 2. recover() time and the process RSS for --messages queued 1 KB messages, measured in a fresh
-   child process that only opens the spool and recovers it;
+   child process that only opens the spool, recovers it and lists it (messages()), and the
+   sizes of the two LMDB files (meta/: envelopes, recipients, due index; data/: bodies);
 3. the store of one 30 MB body, and the longest the event loop went without running meanwhile
    (a 1 ms ticker task measures it).
 
@@ -159,8 +160,11 @@ def main() -> None:
         print(f"  RSS: {r['rss_after_import'] / MB:.0f} MB after imports; after recover and a full listing "
               f"{r['rss_now'] / MB:.0f} MB = {r['rss_anon'] / MB:.0f} MB anonymous + {r['rss_file'] / MB:.0f} MB "
               f"mapped spool pages (page cache); peak {r['max_rss'] / MB:.0f} MB")
-        size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
-        print(f"  spool on disk: {size / MB:.0f} MB")
+        sizes = {where: sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+                 for where, path in (("total", directory), ("meta", os.path.join(directory, "meta")),
+                                     ("data", os.path.join(directory, "data")))}
+        print(f"  spool on disk: {sizes['total'] / MB:.0f} MB = meta/ {sizes['meta'] / MB:.0f} MB "
+              f"(envelopes, recipients, due index) + data/ {sizes['data'] / MB:.0f} MB (bodies)")
 
         print("== one 30 MB body")
         r = asyncio.run(big_body(os.path.join(tmp, "big")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import stat
 import sys
@@ -50,13 +51,15 @@ async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
         await opened.close()
 
 
-def raw_env(directory: Path) -> lmdb.Environment:
-    """The spool's LMDB opened directly (spool closed), to plant or inspect raw records."""
-    return lmdb.open(str(directory), max_dbs=10, map_size=64 * 1024**2)
+def raw_env(directory: Path, table: str = codec.META) -> lmdb.Environment:
+    """The LMDB environment holding `table`, opened directly (spool closed), to plant or
+    inspect raw records: meta/ for everything but bodies, data/ for bodies."""
+    where = codec.DATA_DIR if table in codec.DATA_TABLES else codec.META_DIR
+    return lmdb.open(str(directory / where), max_dbs=10, map_size=64 * 1024**2)
 
 
 def raw_keys(directory: Path, table: str) -> dict[bytes, bytes]:
-    env = raw_env(directory)
+    env = raw_env(directory, table)
     try:
         db = env.open_db(table.encode())
         with env.begin() as txn:
@@ -79,7 +82,8 @@ async def test_round_trip(spool: Spool, tmp_path: Path) -> None:
     assert [m.envelope.id for m in spool.messages()] == [env.id]
     assert spool.due(NOW + 59) == [] and spool.due(NOW + 60) == [(NOW + 60, env.id)]
     assert spool.get(new_queue_id()) is None and spool.read_body(new_queue_id()) is None
-    assert stat.S_IMODE(os.stat(tmp_path / "spool").st_mode) == 0o700
+    for directory in (tmp_path / "spool", tmp_path / "spool" / "meta", tmp_path / "spool" / "data"):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
 
 
 @pytest.mark.asyncio
@@ -214,8 +218,8 @@ async def test_one_process_per_spool(spool: Spool) -> None:
 async def test_schema_version(tmp_path: Path) -> None:
     directory = tmp_path / "spool"
     await Spool.open(str(directory)).close()
-    assert raw_keys(directory, "meta") == {b"schema": b"1"}
-    for version, message in ((b"2", "schema version 2"), (b"one", "unreadable schema version")):
+    assert raw_keys(directory, "meta") == {b"schema": b"2"}
+    for version, message in ((b"3", "schema version 3"), (b"one", "unreadable schema version")):
         env = raw_env(directory)
         meta = env.open_db(b"meta")
         with env.begin(write=True) as txn:
@@ -225,6 +229,22 @@ async def test_schema_version(tmp_path: Path) -> None:
             Spool.open(str(directory))
     # The refusal left the spool alone and released it.
     assert raw_keys(directory, "meta") == {b"schema": b"one"}
+
+
+def test_version_1_layout_is_refused_and_left_alone(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    old = lmdb.open(str(directory), max_dbs=10, map_size=1024**2)  # data.mdb right in spool_dir
+    with old.begin(write=True) as txn:
+        txn.put(b"schema", b"1", db=old.open_db(b"meta", txn=txn))
+    old.close()
+    before = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(SpoolError, match="version-1 spool.*no release used version 1"):
+        Spool.open(str(directory))
+    # Nothing created or changed but the lock file (which a version-1 spool had as well).
+    assert sorted(p.name for p in directory.iterdir() if p.name != "mtad-spool.lock") == before
+    # The lock was released: a second try gets the same answer, not "in use".
+    with pytest.raises(SpoolError, match="version-1 spool"):
+        Spool.open(str(directory))
 
 
 def test_unusable_directory(tmp_path: Path) -> None:
@@ -243,8 +263,12 @@ async def test_recover_moves_corrupt_records_aside_and_goes_on(tmp_path: Path) -
     await spool.close()
 
     env = raw_env(directory)
-    tables = {name: env.open_db(name.encode()) for name in codec.TABLES}
+    tables = {name: env.open_db(name.encode()) for name in codec.META_TABLES}
     orphan = new_queue_id(NOW + 10)
+    data = raw_env(directory, codec.BODY)
+    with data.begin(write=True) as txn:
+        txn.put(orphan.encode(), b"orphan body", db=data.open_db(b"body", txn=txn))
+    data.close()
     with env.begin(write=True) as txn:
         txn.put(bad_env.encode(), b"\xc1 not msgpack", db=tables["envelope"])
         txn.put(codec.recipient_key(bad_rcpt.encode(), 0), b"\x93\x01\x02", db=tables["recipient"])
@@ -252,7 +276,6 @@ async def test_recover_moves_corrupt_records_aside_and_goes_on(tmp_path: Path) -
         txn.put(codec.recipient_key(partly.encode(), 1), b"garbage", db=tables["recipient"])
         txn.put(codec.recipient_key(orphan.encode(), 0), codec.encode(Recipient(address="o@x")),
                 db=tables["recipient"])
-        txn.put(orphan.encode(), b"orphan body", db=tables["body"])
         txn.put(codec.due_key(NOW + 5, b"gone"), b"", db=tables["due"])
         txn.delete(codec.due_key(NOW, good.encode()), db=tables["due"])
     env.close()
@@ -268,9 +291,13 @@ async def test_recover_moves_corrupt_records_aside_and_goes_on(tmp_path: Path) -
             ("recipient", f"{bad_rcpt}#0"), ("envelope", bad_rcpt), ("body", bad_rcpt),
             ("envelope", lonely), ("body", lonely),
             ("recipient", f"{partly}#1"),
-            ("recipient", f"{orphan}#0"), ("body", orphan),
+            ("recipient", f"{orphan}#0"),
         }
         assert report.corrupt == len(corrupt_logs)
+        # A body without an envelope was never acknowledged (or is no longer queued): deleted.
+        orphans = [e for e in logs if e["event"] == "spool.orphan_bodies_deleted"]
+        assert [(e["count"], e["keys"]) for e in orphans] == [(1, [orphan])]
+        assert report.orphan_bodies == 1
         assert any(e["event"] == "spool.due_index_rebuilt" for e in logs)
         assert [m.envelope.id for m in spool.messages()] == [good, partly]
         assert spool.due(NOW + 100) == [(NOW, good), (NOW, partly)]
@@ -283,15 +310,39 @@ async def test_recover_moves_corrupt_records_aside_and_goes_on(tmp_path: Path) -
         await spool.close()
     corrupt = raw_keys(directory, "corrupt")
     assert corrupt[b"envelope\x00" + bad_env.encode()] == b"\xc1 not msgpack"
-    assert corrupt[b"body\x00" + orphan.encode()] == b"orphan body"
+    assert corrupt[b"body\x00" + bad_env.encode()] == bad_env.encode()  # moved with its envelope
     assert len(corrupt) == report.corrupt
+    # Bodies of the envelopes moved aside left the body table; good and partly kept theirs.
+    assert set(raw_keys(directory, "body")) == {good.encode(), partly.encode()}
 
 
 CHILD = textwrap.dedent(
     """
-    import asyncio, sys, time
+    import asyncio, sys, threading, time
     from mtad.records import Envelope, Recipient, new_queue_id
     from mtad.spool import Spool
+    from mtad.spool.env import open_tables
+    from mtad.spool.writer import Writer
+
+    class PausingTxn:
+        def __init__(self, txn, env):
+            self._txn, self._env = txn, env
+        def __getattr__(self, name):
+            return getattr(self._txn, name)
+        def commit(self):
+            if self._env.commits == self._env.pause_after:
+                # The batch's bodies are committed in data/; its envelopes never will be.
+                sys.stdout.write("PAUSED\\n")
+                sys.stdout.flush()
+                threading.Event().wait()
+            self._txn.commit()
+            self._env.commits += 1
+
+    class PausingMeta:
+        def __init__(self, env, pause_after):
+            self._env, self.pause_after, self.commits = env, pause_after, 0
+        def begin(self, *, write):
+            return PausingTxn(self._env.begin(write=write), self)
 
     async def producer(spool):
         while True:
@@ -302,7 +353,15 @@ CHILD = textwrap.dedent(
             sys.stdout.flush()
 
     async def main():
-        spool = Spool.open(sys.argv[1], map_size=256 * 1024**2, commit_linger=0.001)
+        pause_after = int(sys.argv[2])
+        if pause_after < 0:
+            spool = Spool.open(sys.argv[1], map_size=256 * 1024**2, commit_linger=0.001)
+        else:
+            tables = open_tables(sys.argv[1], map_size=256 * 1024**2)
+            writer = Writer(PausingMeta(tables.env, pause_after), tables.data_env, tables.body,
+                            linger=0.001, max_batch=256)
+            writer.start()
+            spool = Spool(tables, writer, time.time)
         await asyncio.gather(*(producer(spool) for _ in range(20)))
 
     asyncio.run(main())
@@ -310,18 +369,20 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.asyncio
-async def test_sigkill_mid_stream_keeps_every_acknowledged_store(tmp_path: Path) -> None:
-    directory = str(tmp_path / "spool")
+async def run_child_until_killed(directory: str, pause_after: int, acks: int) -> list[str]:
+    """Run CHILD (20 producers) and SIGKILL it after `acks` acknowledged stores, or, with
+    pause_after >= 0, once its writer sits between a batch's data and meta commits.
+    Returns the queue ids it acknowledged."""
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CHILD, directory, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable, "-c", CHILD, directory, str(pause_after),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     assert child.stdout is not None
     acknowledged: list[str] = []
     try:
-        while len(acknowledged) < 1500:
+        while pause_after >= 0 or len(acknowledged) < acks:
             line = await asyncio.wait_for(child.stdout.readline(), 30)
-            if not line:
+            if not line or line == b"PAUSED\n":
                 break
             acknowledged.append(line.decode().strip())
         child.send_signal(signal.SIGKILL)
@@ -332,16 +393,55 @@ async def test_sigkill_mid_stream_keeps_every_acknowledged_store(tmp_path: Path)
             await child.wait()
     assert child.returncode == -signal.SIGKILL, errors.decode()
     # Lines the child finished writing before it died were acknowledged too; a torn last one not.
-    acknowledged += [line.decode() for line in rest.split(b"\n")[:-1]]
-    assert len(acknowledged) >= 1500
+    acknowledged += [line.decode() for line in rest.split(b"\n")[:-1] if line != b"PAUSED"]
+    return acknowledged
 
-    spool = Spool.open(directory, map_size=256 * 1024**2)
-    try:
-        report = spool.recover()
-        assert report.corrupt == 0 and report.messages >= len(acknowledged)
-        for queue_id in acknowledged:
-            assert spool.read_body(queue_id) == queue_id.encode() * 10, queue_id
-            message = spool.get(queue_id)
-            assert message is not None and message.recipients[0].address == "r@example.net"
-    finally:
-        await spool.close()
+
+def check_after_crash(directory: str, acknowledged: list[str]) -> RecoveryReport:
+    """Every acknowledged message is whole; no envelope is left without its body; after
+    recover() the body table holds exactly the queued messages' bodies."""
+    async def check() -> RecoveryReport:
+        spool = Spool.open(directory, map_size=256 * 1024**2)
+        try:
+            with capture_logs() as logs:
+                report = spool.recover()
+            assert report.corrupt == 0 and report.messages >= len(acknowledged)
+            for queue_id in acknowledged:
+                assert spool.read_body(queue_id) == queue_id.encode() * 10, queue_id
+                message = spool.get(queue_id)
+                assert message is not None and message.recipients[0].address == "r@example.net"
+            queued = [m.envelope.id for m in spool.messages()]
+            assert all(spool.read_body(queue_id) is not None for queue_id in queued)
+            orphans = [e for e in logs if e["event"] == "spool.orphan_bodies_deleted"]
+            assert sum(e["count"] for e in orphans) == report.orphan_bodies
+            assert not set(queued) & {key for e in orphans for key in e["keys"]}
+            again = spool.recover()
+            assert (again.messages, again.corrupt, again.orphan_bodies) == (len(queued), 0, 0)
+        finally:
+            await spool.close()
+        bodies = raw_keys(Path(directory), codec.BODY)
+        assert sorted(key.decode() for key in bodies) == queued
+        return report
+
+    return asyncio.run(check())
+
+
+@pytest.mark.asyncio
+async def test_sigkill_mid_stream_keeps_every_acknowledged_store(tmp_path: Path) -> None:
+    directory = str(tmp_path / "spool")
+    # A random moment: sometimes inside a commit, sometimes between a batch's two commits.
+    acknowledged = await run_child_until_killed(directory, -1, random.randint(500, 1500))
+    assert len(acknowledged) >= 500
+    await asyncio.to_thread(check_after_crash, directory, acknowledged)
+
+
+@pytest.mark.asyncio
+async def test_sigkill_between_data_and_meta_commits_leaves_only_orphan_bodies(tmp_path: Path) -> None:
+    directory = str(tmp_path / "spool")
+    acknowledged = await run_child_until_killed(directory, random.randint(20, 60), 0)
+    assert acknowledged
+    data = raw_keys(Path(directory), codec.BODY)
+    envelopes = raw_keys(Path(directory), codec.ENVELOPE)
+    assert set(envelopes) < set(data)  # the paused batch's bodies, without envelopes
+    report = await asyncio.to_thread(check_after_crash, directory, acknowledged)
+    assert report.orphan_bodies == len(data) - len(envelopes) > 0

@@ -1,6 +1,8 @@
 """The group-commit writer thread, through the Spool and directly: batching, futures that
-resolve only after the synced commit, MapFull isolation, commit failures, draining on close,
-and a 30 MB body that does not stall the event loop."""
+resolve only after the synced commits (data, then meta), MapFull isolation in either
+environment, commit failures in either (and the orphan bodies a failed meta commit leaves),
+body deletion after the meta commit, draining on close, and a 30 MB body that does not stall
+the event loop."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from mtad.records import Envelope, Recipient, new_queue_id
 from mtad.spool import Spool, SpoolError, SpoolFailed, SpoolFull
 from mtad.spool.env import Tables, close_tables, open_tables
 from mtad.spool.writer import Writer
+from mtad.spool.writes import WriteTxns
 
 MB = 1024 * 1024
 
@@ -69,10 +72,19 @@ def tables(tmp_path: Path) -> Iterator[Tables]:
     yield open_tables(str(tmp_path / "spool"), map_size=64 * MB)  # the test closes them
 
 
-def spool_with(tables: Tables, env: Any, *, linger: float = 0.002, max_batch: int = 256) -> Spool:
-    writer = Writer(env, linger=linger, max_batch=max_batch)
+def spool_with(tables: Tables, env: Any, *, data: Any = None, linger: float = 0.002,
+               max_batch: int = 256) -> Spool:
+    """A Spool whose writer goes through `env` (the meta environment, possibly a FaultyEnv)
+    and `data` (the data environment; the real one unless given)."""
+    writer = Writer(env, data or tables.data_env, tables.body, linger=linger, max_batch=max_batch)
     writer.start()
     return Spool(tables, writer, time.time)
+
+
+def bodies_on_disk(tables: Tables) -> set[str]:
+    """Queue ids in the body table, read from the data environment directly."""
+    with tables.data_env.begin() as txn:
+        return {key.decode() for key in txn.cursor(db=tables.body).iternext(keys=True, values=False)}
 
 
 @pytest.mark.asyncio
@@ -97,9 +109,11 @@ async def test_future_resolves_only_after_the_commit(tables: Tables) -> None:
         env = envelope()
         pending = asyncio.ensure_future(spool.store(env, RCPTS, b"body"))
         assert await asyncio.to_thread(faulty.commit_entered.wait, 30)
-        # The writer is inside commit: the store must not have returned, nor be visible.
+        # The writer is inside the meta commit: the body is on disk already, but the store
+        # must not have returned, nor be visible, body included.
         done, _ = await asyncio.wait({pending}, timeout=0.1)
-        assert not done and spool.get(env.id) is None
+        assert not done and spool.get(env.id) is None and spool.read_body(env.id) is None
+        assert bodies_on_disk(tables) == {env.id}
         faulty.commit_may_go.set()
         await pending
         assert faulty.committed.is_set() and spool.get(env.id) is not None
@@ -132,10 +146,14 @@ async def test_failed_commit_fails_the_batch_then_recovers(tables: Tables) -> No
         assert isinstance(blocker, SpoolFailed)
         assert all(isinstance(r, SpoolFailed) for r in results), results
         assert not spool.writable()
-        assert all(spool.get(e.id) is None for e in doomed)  # nothing of them stored
+        assert all(spool.get(e.id) is None and spool.read_body(e.id) is None for e in doomed)
         ok = envelope()
         await spool.store(ok, RCPTS, b"x")
         assert spool.writable() and spool.get(ok.id) is not None
+        # Their bodies were committed before the meta commit failed: orphans, deleted by the
+        # next data commit (at the latest the one that stored `ok`).
+        assert bodies_on_disk(tables) == {ok.id}
+        assert spool.recover().orphan_bodies == 0
     finally:
         faulty.commit_may_go.set()
         await spool.close()
@@ -232,14 +250,14 @@ async def test_close_drains_pending_writes_then_refuses(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_writer_runs_blocking_ops_and_reports_op_errors(tables: Tables) -> None:
-    writer = Writer(tables.env, linger=0.0, max_batch=8)
+    writer = Writer(tables.env, tables.data_env, tables.body, linger=0.0, max_batch=8)
     writer.start()
 
-    def put(key: bytes, txn: lmdb.Transaction[bytes]) -> int:
-        txn.put(key, b"v", db=tables.meta)
+    def put(key: bytes, txns: WriteTxns) -> int:
+        txns.meta.put(key, b"v", db=tables.meta)
         return len(key)
 
-    def boom(txn: lmdb.Transaction[bytes]) -> None:
+    def boom(txns: WriteTxns) -> None:
         raise ValueError("bug in an op")
 
     try:
@@ -295,10 +313,10 @@ class WriterBug(BaseException):
 
 @pytest.mark.asyncio
 async def test_a_crashed_writer_fails_waiters_instead_of_hanging(tables: Tables) -> None:
-    writer = Writer(tables.env, linger=0.05, max_batch=8)
+    writer = Writer(tables.env, tables.data_env, tables.body, linger=0.05, max_batch=8)
     writer.start()
 
-    def crash(txn: lmdb.Transaction[bytes]) -> None:
+    def crash(txns: WriteTxns) -> None:
         raise WriterBug
 
     try:
@@ -312,3 +330,105 @@ async def test_a_crashed_writer_fails_waiters_instead_of_hanging(tables: Tables)
     finally:
         await writer.stop()
         close_tables(tables)
+
+
+@pytest.mark.asyncio
+async def test_failed_data_commit_fails_the_batch_and_stores_nothing(tables: Tables) -> None:
+    data = FaultyEnv(tables.data_env)
+    spool = spool_with(tables, tables.env, data=data)
+    try:
+        data.fail_commits = 1
+        doomed = envelope()
+        with pytest.raises(SpoolFailed):
+            await spool.store(doomed, RCPTS, b"x")
+        assert not spool.writable()
+        assert spool.get(doomed.id) is None and bodies_on_disk(tables) == set()
+        ok = envelope()
+        await spool.store(ok, RCPTS, b"fine")
+        assert spool.writable() and spool.read_body(ok.id) == b"fine"
+        assert bodies_on_disk(tables) == {ok.id}
+    finally:
+        await spool.close()
+
+
+@pytest.mark.asyncio
+async def test_map_full_in_the_meta_environment_fails_only_that_message(tmp_path: Path) -> None:
+    tables = open_tables(str(tmp_path / "spool"), map_size=2 * MB)
+    faulty = FaultyEnv(tables.env)
+    spool = spool_with(tables, faulty)
+    try:
+        crowd = [Recipient(address=f"r{i}@example.net") for i in range(40_000)]  # ~2.7 MB of records
+        crowded = envelope()
+        small = [envelope() for _ in range(10)]
+        both = await queue_behind_a_blocked_commit(faulty, spool, [
+            *(spool.store(e, RCPTS, b"small") for e in small[:5]),
+            spool.store(crowded, crowd, b"its body"),
+            *(spool.store(e, RCPTS, b"small") for e in small[5:]),
+        ])
+        faulty.commit_may_go.set()
+        blocker, results = await both
+        assert blocker is None and isinstance(results[5], SpoolFull)
+        assert [r for i, r in enumerate(results) if i != 5] == [None] * 10
+        assert spool.commits == 2 and spool.writable()
+        assert spool.get(crowded.id) is None
+        assert crowded.id not in bodies_on_disk(tables)  # its body went with the aborted attempt
+        assert all(spool.read_body(e.id) == b"small" for e in small)
+    finally:
+        faulty.commit_may_go.set()
+        await spool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_removed_message_body_is_deleted_after_its_envelope(tables: Tables) -> None:
+    data = FaultyEnv(tables.data_env)
+    spool = spool_with(tables, tables.env, data=data)
+    try:
+        gone, kept = envelope(), envelope()
+        await spool.store(gone, RCPTS, b"gone")
+        assert await spool.delete(gone.id)
+        assert spool.read_body(gone.id) is None  # the message is gone, whenever its body leaves
+        await spool.store(kept, RCPTS, b"kept")
+        # The next data commit (this store's, or an idle one before it) deleted the body.
+        assert bodies_on_disk(tables) == {kept.id}
+
+        # Now the data environment fails every commit: the removal still commits (meta), and
+        # the body it leaves behind is an orphan, never an envelope without a body.
+        data.fail_commits = 1000
+        assert await spool.update_recipients(kept.id, [])
+        assert spool.get(kept.id) is None and spool.read_body(kept.id) is None
+        assert spool.writable()  # deleting a body is housekeeping, not a refused write
+    finally:
+        await spool.close()  # tries once more to delete the body, and fails
+    assert data.fail_commits < 1000
+    reopened = Spool.open(tables.directory, map_size=64 * MB)
+    try:
+        assert bodies_on_disk(reopened._tables) == {kept.id}
+        report = reopened.recover()
+        assert (report.messages, report.corrupt, report.orphan_bodies) == (0, 0, 1)
+        assert bodies_on_disk(reopened._tables) == set()
+    finally:
+        await reopened.close()
+
+
+@pytest.mark.asyncio
+async def test_room_made_by_deleting_is_usable_at_once(tmp_path: Path) -> None:
+    # LMDB reuses the pages a transaction freed only two transactions later, and a store that
+    # does not fit aborts rather than commits: without the writer's reclaim commit, a full
+    # spool emptied in one group commit would refuse every big message from then on.
+    spool = Spool.open(str(tmp_path / "spool"), map_size=4 * MB)
+    try:
+        stored: list[str] = []
+        with pytest.raises(SpoolFull):
+            for _ in range(64):
+                env = envelope(600_000)
+                await spool.store(env, RCPTS, bytes(600_000))
+                stored.append(env.id)
+        assert len(stored) >= 3
+        assert all(await asyncio.gather(*(spool.delete(queue_id) for queue_id in stored)))
+        for _ in range(3):
+            env = envelope(600_000)
+            await spool.store(env, RCPTS, bytes(600_000))
+            assert spool.read_body(env.id) == bytes(600_000)
+        assert spool.writable()
+    finally:
+        await spool.close()

@@ -171,7 +171,9 @@ class Spool(_Table):
     map_size: Annotated[Size, Within(2**20, 2**50)] = Size(8 * 1024**3)
     """LMDB map size: the most the spool may hold. When full, new mail gets 452 4.3.1."""
     commit_linger: Annotated[Duration, Within(0, 1)] = Duration(0.002)
-    """How long the writer waits for more writes to share one synced commit."""
+    """Upper bound on how long the writer waits for more writes to share one synced commit: it
+    commits at once when nothing else is waiting, and lingers only while the previous commit
+    showed several writers at work."""
     commit_max_batch: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 256
     """Most writes in one commit."""
 

@@ -3,12 +3,14 @@
 The public surface (implemented in store.py and writer.py; everything else is internal):
 
     Spool.open(directory, *, map_size, commit_linger, commit_max_batch) -> Spool   (sync)
-        Create the directory (0700) if needed, open the LMDB environment, check or write the
-        schema version, start the writer thread. Raises SpoolError with a clear message when
-        the directory is unusable or the schema version is newer than this code.
+        Create the directory (0700) if needed, open the two LMDB environments (meta/: envelopes,
+        recipients, due index; data/: bodies), check or write the schema version, start the
+        writer thread. Raises SpoolError with a clear message when the directory is unusable,
+        holds a version-1 spool, or the schema version is newer than this code.
     spool.recover() -> RecoveryReport                                               (sync)
         Scan every record once at start. Records that fail to decode move to the `corrupt`
-        table (logged, never dropped, never fatal). Returns counts.
+        table (logged, never dropped, never fatal); bodies without an envelope (never
+        acknowledged, or already removed) are deleted and logged. Returns counts.
     await spool.store(envelope, recipients, body) -> None
         Write one message. Returns only after the synced commit holding it; many concurrent
         calls share one commit. Raises SpoolFull (map full -> 452 4.3.1) or SpoolFailed

@@ -3,13 +3,17 @@
 Pure: no I/O. Everything that decides which bytes go under which key lives here, so that
 spool/README.md (the operator's description of the format) has one place to agree with.
 
-Tables (LMDB named databases):
+Two LMDB environments in the spool directory, so that the small tables every scan walks do
+not share a file (and the kernel's fault-around) with the bodies:
+
+    meta/ (META_DIR)
     meta       b"schema" -> ASCII decimal schema version
     envelope   queue id -> msgpack Envelope
-    body       queue id -> message bytes, as received (plus the headers we added)
     recipient  queue id + b"\\x00" + 4-byte big-endian index -> msgpack Recipient
     due        8-byte big-endian microseconds + queue id -> b""   (when each message is next due)
     corrupt    table name + b"\\x00" + original key -> the raw bytes that failed to decode
+    data/ (DATA_DIR)
+    body       queue id -> message bytes, as received (plus the headers we added)
 
 Queue ids are ASCII (22 lowercase hex digits from records.new_queue_id), so the envelope,
 body and recipient tables all sort by arrival and a message's recipients are one key range.
@@ -26,8 +30,13 @@ from mtad.records import Envelope, Recipient
 
 from .errors import CorruptRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: meta/ and data/ environments. 1 (one data.mdb in the spool directory) was never released."""
 SCHEMA_KEY = b"schema"
+META_DIR = "meta"
+DATA_DIR = "data"
+V1_FILE = "data.mdb"
+"""The LMDB file a version-1 spool kept directly in the spool directory."""
 
 META = "meta"
 ENVELOPE = "envelope"
@@ -35,7 +44,9 @@ BODY = "body"
 RECIPIENT = "recipient"
 DUE = "due"
 CORRUPT = "corrupt"
-TABLES = (META, ENVELOPE, BODY, RECIPIENT, DUE, CORRUPT)
+META_TABLES = (META, ENVELOPE, RECIPIENT, DUE, CORRUPT)
+DATA_TABLES = (BODY,)
+TABLES = META_TABLES + DATA_TABLES
 
 _SEP = b"\x00"
 _INDEX_BYTES = 4

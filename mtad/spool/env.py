@@ -1,7 +1,10 @@
-"""The spool's LMDB environment: directory, process lock, named tables and schema version.
+"""The spool's LMDB environments: directory, process lock, named tables and schema version.
 
-I/O at the edge: this module creates the directory, opens LMDB and checks the schema; the
-rest of the spool works with the `Tables` it returns. Small helpers that read one message's
+I/O at the edge: this module creates the directory, opens the two LMDB environments and checks
+the schema; the rest of the spool works with the `Tables` it returns. Bodies live in their own
+environment (`data/`), everything else in `meta/`: a scan of envelopes, recipients or the due
+index then maps only meta pages, so the process's RSS follows those small tables and not the
+volume of queued mail (see spool/README.md, "Memory"). Small helpers that read one message's
 records inside a transaction live here too, because reads and writes both use them.
 
 Trust: the directory is ours (mode 0700); its contents may be damaged by a crash of the
@@ -29,15 +32,20 @@ MAX_READERS = 1024
 
 @dataclass(frozen=True, slots=True)
 class Tables:
-    """An open spool environment and a handle on each named table."""
+    """The open spool environments and a handle on each named table.
+
+    `env` is the meta environment (meta, envelope, recipient, due, corrupt); `data_env` holds
+    the body table alone.
+    """
 
     env: lmdb.Environment
+    data_env: lmdb.Environment
     meta: lmdb._Database
     envelope: lmdb._Database
-    body: lmdb._Database
     recipient: lmdb._Database
     due: lmdb._Database
     corrupt: lmdb._Database
+    body: lmdb._Database
     lock_fd: int
     directory: str
 
@@ -47,9 +55,10 @@ class Tables:
 
 
 def open_tables(directory: str, *, map_size: int) -> Tables:
-    """Create (0700) or open the spool directory and its LMDB environment.
+    """Create (0700) or open the spool directory and its two LMDB environments.
 
-    Writes the schema version into a new spool; refuses a spool written by newer code. Raises
+    Writes the schema version into a new spool; refuses a spool written by newer code and a
+    version-1 spool. `map_size` applies to each environment (address space, not disk). Raises
     SpoolError naming the directory when anything is wrong.
     """
     try:
@@ -59,9 +68,35 @@ def open_tables(directory: str, *, map_size: int) -> Tables:
     if not os.path.isdir(directory):
         raise SpoolError(f"spool directory {directory}: not a directory")
     lock_fd = _lock_directory(directory)
+    opened: list[lmdb.Environment] = []
     try:
-        env = lmdb.open(
-            directory,
+        _refuse_version_1(directory)
+        opened.append(_open_env(directory, codec.META_DIR, map_size, len(codec.META_TABLES)))
+        opened.append(_open_env(directory, codec.DATA_DIR, map_size, len(codec.DATA_TABLES)))
+        meta_env, data_env = opened
+        tables = Tables(
+            env=meta_env,
+            data_env=data_env,
+            **{name: meta_env.open_db(name.encode("ascii")) for name in codec.META_TABLES},
+            **{name: data_env.open_db(name.encode("ascii")) for name in codec.DATA_TABLES},
+            lock_fd=lock_fd,
+            directory=directory,
+        )
+        _check_schema(tables)
+    except BaseException:
+        for env in opened:
+            env.close()
+        os.close(lock_fd)
+        raise
+    return tables
+
+
+def _open_env(directory: str, name: str, map_size: int, tables: int) -> lmdb.Environment:
+    path = os.path.join(directory, name)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return lmdb.open(
+            path,
             map_size=map_size,
             subdir=True,
             sync=True,
@@ -70,32 +105,32 @@ def open_tables(directory: str, *, map_size: int) -> Tables:
             lock=True,
             mode=0o600,
             max_readers=MAX_READERS,
-            max_dbs=len(codec.TABLES) + 2,
-            # MDB_NORDAHEAD (madvise RANDOM): a cold start reads only the pages it needs, not
-            # the bodies around them. (It does not stop the kernel's fault-around on a warm
-            # page cache; see spool/README.md, "Memory".)
+            max_dbs=tables + 1,
+            # MDB_NORDAHEAD (madvise RANDOM): a cold start reads only the pages it needs. (It
+            # does not stop the kernel's fault-around on a warm page cache, which is why the
+            # bodies have an environment, and a file, of their own.)
             readahead=False,
         )
+    except OSError as exc:
+        raise SpoolError(f"spool directory {path}: {exc.strerror}") from None
     except lmdb.Error as exc:
-        os.close(lock_fd)
-        raise SpoolError(f"spool directory {directory}: cannot open LMDB: {exc}") from None
-    try:
-        tables = Tables(
-            env=env,
-            **{name: env.open_db(name.encode("ascii")) for name in codec.TABLES},
-            lock_fd=lock_fd,
-            directory=directory,
+        raise SpoolError(f"spool directory {path}: cannot open LMDB: {exc}") from None
+
+
+def _refuse_version_1(directory: str) -> None:
+    if os.path.exists(os.path.join(directory, codec.V1_FILE)):
+        raise SpoolError(
+            f"spool directory {directory} holds a version-1 spool ({codec.V1_FILE} directly in it); "
+            f"this mtad keeps its spool in {codec.META_DIR}/ and {codec.DATA_DIR}/ (version "
+            f"{codec.SCHEMA_VERSION}) and does not convert: no release used version 1. Deliver or "
+            f"delete that mail with the build that wrote it, or move {codec.V1_FILE} and lock.mdb "
+            f"out of the directory, then start mtad again"
         )
-        _check_schema(tables)
-    except BaseException:
-        env.close()
-        os.close(lock_fd)
-        raise
-    return tables
 
 
 def close_tables(tables: Tables) -> None:
     tables.env.close()
+    tables.data_env.close()
     os.close(tables.lock_fd)
 
 

@@ -3,7 +3,8 @@
 Writes are encoded here, on the caller's thread, and handed to the one writer thread
 (writer.py), which makes them durable in group commits. Reads use short read transactions on
 the caller's thread: no I/O wait beyond the page cache, and no transaction held across a
-yield, so a long listing never pins old pages.
+yield, so a long listing never pins old pages. Every read but read_body stays in the meta
+environment; read_body alone opens the data environment (bodies).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class Spool:
         """
         tables = open_tables(directory, map_size=map_size)
         try:
-            writer = Writer(tables.env, linger=commit_linger, max_batch=commit_max_batch)
+            writer = Writer(tables.env, tables.data_env, tables.body,
+                            linger=commit_linger, max_batch=commit_max_batch)
         except BaseException:
             close_tables(tables)
             raise
@@ -64,7 +66,8 @@ class Spool:
 
     @property
     def commits(self) -> int:
-        """Synced commits since open (group commit: fewer than the writes)."""
+        """Group commits since open (fewer than the writes; each is one synced commit per
+        environment it changed: bodies first, then envelopes)."""
         return self._writer.commits
 
     @property
@@ -130,8 +133,15 @@ class Spool:
         )
 
     def read_body(self, queue_id: str) -> bytes | None:
+        """The message's body, or None when no such message is queued.
+
+        The envelope decides: a body whose envelope is gone (removed, its deletion not yet
+        committed) or not yet there (a store between its two commits) is no message's body."""
         mkey = codec.message_key(queue_id)
         with self._read() as txn:
+            if not txn.cursor(db=self._tables.envelope).set_key(mkey):
+                return None
+        with self._tables.data_env.begin() as txn:
             return txn.get(mkey, db=self._tables.body)
 
     def messages(self) -> Iterator[QueuedMessage]:
