@@ -110,7 +110,8 @@ class Daemon:
         try:
             report = await asyncio.get_running_loop().run_in_executor(None, self.spool.recover)
             log.info("spool.recovered", spool_dir=cfg.server.spool_dir, messages=report.messages,
-                     recipients=report.recipients, corrupt=report.corrupt, seconds=round(report.seconds, 3))
+                     recipients=report.recipients, corrupt=report.corrupt, orphan_bodies=report.orphan_bodies,
+                     seconds=round(report.seconds, 3))
             token = ensure_admin_token(cfg.server.spool_dir)
             tls_context = build_tls_context(cfg)
             ingest = Ingest(self.spool, self.bus, cfg.server.hostname)
