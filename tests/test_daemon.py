@@ -145,3 +145,19 @@ def test_operator_actions_are_events_on_the_mail_log(daemon: MtadProcess) -> Non
     assert daemon.queue_json() == []
     kinds = wait_for(lambda: [e["type"] for e in daemon.mail_log() if e.get("queue_id") == entry["id"]][-3:] == ["held", "released", "dropped"])
     assert kinds
+
+
+def test_ipv6_listener_takes_mail(tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace('address = "127.0.0.1:0"', 'address = "[::1]:0"', 1))
+    proc = MtadProcess(cfg).start()
+    try:
+        assert proc.mx[0] == "::1"
+        send(proc.mx, "user@example.test")
+        [entry] = proc.queue_json()
+        stored = proc.mtactl("queue", "cat", entry["id"]).stdout
+        assert b"(unknown [IPv6:::1])" in stored.split(b"\r\n\r\n", 1)[0]
+    finally:
+        proc.kill()
