@@ -98,6 +98,11 @@ def reason_from_text(text: str) -> str:
     return "expired" if expired else ""
 
 
+_SENDER_SIDE = frozenset({"", "userunknown", "hostunknown", "filtered", "securityerror", "systemerror"})
+_TLS = re.compile(r"starttls|\btls\b|encryption|requiretls")
+# Reasons too vague to report for a message that is only delayed (sisimai: "expired").
+_NOT_A_DELAY_CAUSE = frozenset({"networkerror", "securityerror", "policyviolation", "syntaxerror",
+                                "contenterror", "notcompliantrfc", "filtered"})
 # Reasons matched by phrases too broad to name the cause behind an expiry.
 _NOT_A_CAUSE = frozenset({"expired", "systemerror", "syntaxerror", "filtered", "policyviolation",
                           "securityerror", "contenterror", "notcompliantrfc"})
@@ -134,8 +139,12 @@ def classify(
         # user" after DATA, or from a filtering gateway that gives no SMTP context, is
         # a filter speaking (sisimai's "filtered").
         reason = "filtered"
-    elif command == "MAIL" and reason in ("", "userunknown", "hostunknown", "filtered", "securityerror", "systemerror"):
+    elif command == "MAIL" and reason in _SENDER_SIDE and not (reason == "securityerror" and _TLS.search(folded)):
+        # Refused at MAIL FROM: the sender was judged, unless the server wants TLS first.
         reason = "rejected"
+    if action == "delayed" and reason in _NOT_A_DELAY_CAUSE:
+        # A delay notice whose reply names no cause of its own: the delay is the news.
+        reason = "expired"
     if not reason:
         if action == "delayed" or status.startswith("4.4.7"):
             reason = "expired"
@@ -154,6 +163,8 @@ def _decide(status: str, folded: str) -> str:
     if not by_text:
         return by_status
     _, _, rest = status.partition(".")
+    if by_status == "rejected" and by_text in ("hostunknown", "userunknown"):
+        return by_status  # X.1.7/X.1.8: the sender's address or domain is what is unknown
     if rest in _GENERIC_STATUS or by_text in _STRONG_TEXT or by_status == "expired":
         return by_text
     return by_status

@@ -26,7 +26,7 @@ from mtad.dsn.arf import (
     is_held_notice,
     message_id,
 )
-from mtad.dsn.classify import classify, fold, reason_from_text, reply_code
+from mtad.dsn.classify import bounce_class, classify, fold, reason_from_text, reply_code
 from mtad.dsn.entity import Entity
 from mtad.dsn.mime import Parts, header_text, split_parts
 from mtad.dsn.record import (
@@ -56,7 +56,8 @@ _BOUNCE_SUBJECT = re.compile(
     r"mail system error|permanent error|\bdsn\b|\bndr\b|nondeliverable|rejected|bounced?\b|"
     r"unzustellbar|non remis|impossible de remettre|no se puede entregar|non recapitabile|"
     r"message (?:not|could not be) (?:delivered|sent)|delivery notification|problem delivering|"
-    r"returned message|mail error|error sending|message delivery|zustellung|配信|エラー|送信できません",
+    r"returned message|mail error|error sending|message delivery|zustellung|配信|エラー|送信できません|"
+    r"недостав|не доставлен|nicht zugestellt|non distribu|no entregado|non consegnat|返送|不達",
     re.IGNORECASE,
 )
 
@@ -71,7 +72,8 @@ _BOUNCE_BODY = re.compile(
     r"failed to deliver|unable to deliver|(?:delivery|deliver) to the following|permanent(?:ly)? (?:error|fail)|"
     r"returned to sender|non-?delivery|not (?:be )?delivered|following (?:address|recipient)|"
     r"user unknown|mailbox (?:is )?full|delivery (?:status|problem|error)|could not deliver|"
-    r"rejected (?:your|the) message|message (?:was )?rejected",
+    r"rejected (?:your|the) message|message (?:was )?rejected|"
+    r"nicht zugestellt|pas pu être (?:remis|distribu)|не (?:было |может быть )?доставлен|配信できません",
     re.IGNORECASE,
 )
 
@@ -232,7 +234,7 @@ def _original_recipients(parts: Parts) -> list[str]:
 
 
 _DELAYED = re.compile(r"delay|will (?:continue to )?(?:retry|try)|not yet been delivered|warning", re.IGNORECASE)
-_FAILED = re.compile(r"permanent|fatal|failed|could not be delivered|giving up|gave up", re.IGNORECASE)
+_FAILED = re.compile(r"permanent|fatal|failed|could\s+not\s+be\s+delivered|giving up|gave up", re.IGNORECASE)
 
 
 def _says_delayed(subject: str, text: str) -> bool:
@@ -272,6 +274,7 @@ def _record(
             status = "4.0.0"
         elif action == "failed":
             status = "5.0.0"
+        klass = bounce_class(reason, code, status)  # notaccept's class follows the code
     return DsnRecord(
         recipient=recipient, action=action, status=status, reason=reason, class_=klass,
         diagnostic=" ".join(diagnostic.split())[:MAX_DIAGNOSTIC], remote_mta=remote_mta, message_id=message_id,

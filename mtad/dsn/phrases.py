@@ -7,6 +7,9 @@ Gmail/Google Workspace, Yahoo, Outlook.com, Apple, Orange, Amazon SES, ...); the
 matched case-insensitively against whitespace-folded text. Order matters: the first
 reason whose phrases match wins, so narrow reasons (a block list named in a user-unknown
 reply, a full mailbox reported with 5.1.1) come before broad ones.
+Providers' own notices in their users' languages (German, French, Spanish, Italian,
+Portuguese, Russian, Japanese, Chinese, Korean) have entries of their own beside the
+English ones, so their words cost a search only when one of them occurs.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("authfailure", (
         r"\bspf\b", r"\bdkim\b", r"\bdmarc\b", r"sender policy framework", r"unauthenticated",
-        r"not pass authentication", r"authentication checks?", r"5\.7\.2[3-7]\b",
+        r"not pass authentication", r"authentication checks?", r"5\.7\.2[0-46]\b",
         r"sender (?:address|domain) (?:is )?not authenticated", r"email authentication",
     )),
     ("requireptr", (
@@ -59,6 +62,8 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
         r"(?:poor|bad|low|negative) (?:ip |sender |domain )?reputation", r"reputation (?:of|is)",
         r"4\.7\.650\b", r"5\.7\.650\b",
     )),
+    # A dynamic (residential) sending address, which some providers word as "we do not relay".
+    ("blocked", (r"dynamic(?:ally)?[- ]assigned ip", r"dynamic ip (?:address|range|pool|space)",)),
     ("norelaying", (
         r"relay(?:ing)? (?:access )?(?:denied|not (?:permitted|allowed)|prohibited|refused)",
         r"(?:unable|not permitted|not allowed|cannot|can't) (?:to )?relay", r"we do not relay",
@@ -81,6 +86,15 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
         r"mailbox .{0,20}(?:too large|is over)", r"user is over", r"has exceeded (?:the )?(?:maximum|max)",
         r"\bquota\b", r"mailboxfull",
     )),
+    ("mailboxfull", (  # the same in other languages: searched only when their words occur
+        r"postfach .{0,40}(?:voll|überschritten)", r"(?:speicherplatz|kontingent|speichergrenze) .{0,30}(?:überschritten|erschöpft)",
+        r"bo[iî]te .{0,60}pleine", r"(?:quota|capacit[ée]|espace) .{0,30}(?:d[ée]pass|satur|insuffisant)",
+        r"buz[oó]n .{0,30}(?:lleno|excede)", r"casella .{0,30}(?:piena|satura)",
+        r"переполнен", r"превыш\w* .{0,30}(?:квот|объ[её]м|лимит)", r"квот\w* .{0,20}превыш",
+        r"メールボックス.{0,20}(?:容量|いっぱい|一杯|満杯)", r"容量オーバー", r"容量超過", r"容量不足", r"容量がいっぱい",
+        r"caixa .{0,30}(?:cheia|lotada)", r"邮箱已满", r"信箱已满", r"空间已满", r"空间不足", r"容量已满",
+        r"용량 초과", r"용량초과", r"용량이 초과", r"용량 부족", r"용량이 부족", r"메일함.{0,10}(?:가득|꽉)",
+    )),
     ("mesgtoobig", (
         r"message (?:is )?too (?:big|large)", r"message size (?:exceeds|too|limit|is over|of .{0,30} exceeds)",
         r"exceeds? (?:the )?(?:maximum |max |fixed )?(?:message )?size", r"size limit", r"(?<!header )(?<!headers )too large",
@@ -92,7 +106,7 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("toomanyconn", (
         r"too many (?:connections|concurrent|simultaneous|sessions|smtp sessions|messages)",
-        r"rate ?limit", r"connection rate", r"sending rate", r"\bthrottl", r"exceeded the rate",
+        r"rate ?limit", r"connection rate", r"try again later,? closing connection", r"sending rate", r"\bthrottl", r"exceeded the rate",
         r"too many (?:mails|emails)", r"(?:connection|message)s? (?:limit|count) exceeded", r"too fast",
         r"too many errors",
     )),
@@ -110,12 +124,16 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
         r"couldn't find any host", r"unable to (?:find|resolve) (?:the )?(?:host|domain|mx)",
         r"no route for", r"unroutable",
     )),
+    ("hostunknown", (  # the same in other languages: searched only when their words occur
+        r"domain .{0,60}existiert nicht", r"domaine .{0,60}(?:n'existe pas|inconnu|introuvable)",
+        r"домен .{0,40}не (?:существует|найден)",
+    )),
     ("suspend", (
         r"(?:mailbox|account|user|address|recipient)(?: has been| is| was)? (?:disabled|suspended|inactive|deactivated|frozen|locked|closed|expired)",
         r"(?:disabled|suspended|inactive|deactivated|expired|blocked|locked|closed) (?:mailbox|account|user|recipient)",
-        r"temporarily (?:disabled|suspended|unavailable for|inactive)", r"not (?:an )?active",
+        r"(?<!delivery )temporarily (?:disabled|suspended|unavailable for|inactive)", r"not (?:an )?active",
         r"no longer active", r"account (?:has been |is )?(?:terminated|cancell?ed|blocked)",
-        r"mailbox (?:is )?(?:not active|unavailable.{0,20}disabled)", r"\bsuspend",
+        r"mailbox (?:is )?(?:not active|unavailable.{0,20}disabled)", r"(?<!delivery temporarily )\bsuspend",
         r"user account (?:is )?(?:disabled|expired)", r"has been disabled", r"is disabled",
     )),
     ("userunknown", (
@@ -136,6 +154,17 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
         r"unknown recipient", r"account (?:not found|is unavailable)", r"mailbox (?:name )?(?:is )?invalid",
         r"bad destination", r"no (?:valid )?recipients?", r"cannot find (?:the )?(?:user|mailbox|recipient)",
     )),
+    ("userunknown", (  # the same in other languages: searched only when their words occur
+        r"empf[äa]nger .{0,20}unbekannt", r"unbekannte[rn]? (?:empf[äa]nger|benutzer|adresse)",
+        r"benutzer .{0,20}unbekannt", r"existiert nicht", r"kein(?:en)? (?:solche[rns] )?(?:benutzer|postfach)",
+        r"(?:utilisateur|destinataire|adresse) .{0,20}(?:inconnue?|inexistante?|invalide)", r"n'existe pas",
+        r"usuario .{0,20}(?:desconocido|no existe)", r"utente .{0,20}(?:sconosciuto|inesistente)",
+        r"не существует", r"(?:пользовател|адрес|получател|ящик)\w* .{0,30}не найден",
+        r"нет такого (?:пользователя|адреса|ящика)", r"неизвестн\w* (?:пользовател|адрес|получател)",
+        r"usu[aá]rio .{0,20}(?:inexistente|desconhecido)", r"n[ãa]o existe", r"no existe", r"non esiste",
+        r"不存在", r"존재하지 않", r"없는 (?:사용자|주소|계정)",
+        r"存在しません", r"存在しない", r"宛先不明", r"(?:ユーザー?|アカウント|アドレス).{0,10}(?:見つかりません|ありません)",
+    )),
     ("rejected", (
         r"sender (?:address )?(?:was |is |has been )?(?:rejected|refused|denied|blocked|unknown|not allowed|verify failed|invalid)",
         r"(?:invalid|unknown|bad|rejected) sender", r"mail from (?:rejected|refused)",
@@ -149,12 +178,13 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
         r"suspicious (?:content|message)", r"content (?:looks|appears)",
     )),
     ("blocked", (
-        r"black-?list", r"block-?list", r"deny-?list", r"\brbl\b", r"dnsbl", r"spamhaus", r"spamcop",
+        r"black[- ]?list", r"block[- ]?list", r"deny[- ]?list", r"\brbl\b", r"dnsbl", r"spamhaus", r"spamcop",
         r"barracuda", r"sorbs", r"listed (?:in|on|at|by)", r"client host .{0,80}(?:rejected|blocked|refused)",
         r"client host rejected", r"\b(?:your|sending|source|client) (?:ip|host|server|network)\b",
         r"\bip (?:address )?\S{0,40} (?:is |has been |was )?(?:blocked|banned|listed|black-?listed|rejected|refused|not allowed)",
-        r"(?:blocked|banned|refused|rejected) (?:ip|host|connection|for|due|because)", r"refused to talk",
-        r"connection (?:refused|rejected|denied)", r"\bblocked\b", r"\bbanned\b",
+        r"(?:blocked|banned|refused|rejected) (?:ip|host|connection|for|due|because)(?!(?: to| of)? (?:local |our |site |the )?polic)",
+        r"refused to talk",
+        r"(?<!: )connection (?:refused|rejected|denied)", r"\bblocked\b", r"\bbanned\b",
         r"not allowed to (?:connect|send)", r"rejected (?:due to|because of) (?:ip|the ip)",
         r"5\.7\.6[0-4]\d\b", r"\bip\b.{0,40}\b(?:rejected|denied)", r"service (?:not available|unavailable).{0,40}(?:client|ip)",
     )),
@@ -182,6 +212,7 @@ TABLE: tuple[tuple[str, tuple[str, ...]], ...] = (
         r"filter", r"user reject", r"refused by (?:the )?recipient", r"recipient (?:has )?(?:rejected|refused|blocked)",
         r"does not accept", r"not accept(?:ing)? (?:mail|messages|e-?mail) from",
         r"delivery (?:is )?not (?:allowed|authorized)", r"not authorized to receive", r"\brule\b",
+        r"受信拒否",
     )),
     ("expired", (
         r"retry (?:timeout|time) exceeded", r"(?:message|delivery) (?:has )?expired", r"\bexpired\b",
@@ -255,7 +286,9 @@ DEFINITIVE_USERUNKNOWN = re.compile(
     r"recip(?:ient)?notfound|recipient not found by smtp address lookup|recipient name is not recognized|"
     r"no mailbox here by that name|not listed in (?:the )?(?:public |domino )?(?:name|address|directory)|"
     r"recipient address rejected: access denied|no valid recipients|invalid recipient|"
-    r"mailbox (?:does not|doesn't) exist"
+    r"mailbox (?:does not|doesn't) exist|unknown user: <>|"
+    r"existiert nicht|n'existe pas|n[ãa]o existe|no existe|non esiste|не существует|нет такого|"
+    r"存在しません|宛先不明|不存在|존재하지 않"
 )
 REASONS = tuple(reason for reason, _ in COMPILED)
 
