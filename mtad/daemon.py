@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+import msgspec
 import structlog
 
 from mtad import sdnotify
@@ -27,7 +28,7 @@ from mtad.config.schema import Config
 from mtad.events import Counters, Event, EventBus, EventType
 from mtad.http.admin import build_admin_app, ensure_admin_token
 from mtad.http.public import build_public_app
-from mtad.http.server import HttpServer
+from mtad.http.server import HttpServer, HttpServerError
 from mtad.ingest import Ingest
 from mtad.maillog import MailLog, configure_logging
 from mtad.receive.listeners import Receiver
@@ -36,7 +37,7 @@ from mtad.spool import Spool, SpoolError
 log = structlog.get_logger("mtad.daemon")
 
 # Keys SIGHUP cannot change in a running process; a change is logged, then needs a restart.
-_RESTART_KEYS = ("server.spool_dir", "server.hostname", "listener", "http", "spool", "dns")
+_RESTART_KEYS = ("server.spool_dir", "server.hostname", "listener", "http", "spool", "dns", "log.mail_log")
 
 
 class OperatorEvents:
@@ -130,7 +131,7 @@ class Daemon:
             )
             self.http.append(admin)
             await self.receiver.start()
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, HttpServerError) as exc:
             log.error("daemon.start_failed", error=str(exc))
             await self._shutdown()
             return 1
@@ -175,7 +176,8 @@ class Daemon:
             self.receiver.reload(limits=new.limits, inbound_domains=new.inbound.domains, tls_context=tls_context)
         configure_logging(fmt=self.log_format or new.log.format, level=new.log.level)
         self.maillog.reopen()
-        self.cfg = new
+        # What needs a restart stays as running, so the next SIGHUP still reports it pending.
+        self.cfg = _keep_running(new, old)
         if changed_restart:
             log.warning("config.reload_needs_restart", keys=changed_restart)
         log.info("config.reloaded", applied=["limits", "inbound.domains", "tls", "log"])
@@ -197,6 +199,15 @@ def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]
     """Errors nobody awaited (a callback, a forgotten task): into the diagnostic log, with traceback."""
     error = context.get("exception")
     log.error("loop.unhandled", message=context.get("message", ""), exc_info=error)
+
+
+def _keep_running(new: Config, running: Config) -> Config:
+    """NEW with every _RESTART_KEYS value taken from RUNNING: the config the process now runs on."""
+    server = msgspec.structs.replace(new.server, spool_dir=running.server.spool_dir,
+                                     hostname=running.server.hostname)
+    log_settings = msgspec.structs.replace(new.log, mail_log=running.log.mail_log)
+    return msgspec.structs.replace(new, server=server, listener=running.listener, http=running.http,
+                                   spool=running.spool, dns=running.dns, log=log_settings)
 
 
 def _lookup(cfg: Config, dotted: str) -> Any:

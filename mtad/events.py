@@ -42,7 +42,8 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     queue_id: str = ""
     client_address: str = ""
     helo: str = ""
-    sender: str = ""
+    sender: str | None = None
+    """The envelope sender; "" is the null sender <> (bounces), so it is written; None is left out."""
     recipients: list[str] = []
     size: int = 0
     message_id: str = ""

@@ -161,3 +161,69 @@ def test_ipv6_listener_takes_mail(tmp_path: Path) -> None:
         assert b"(unknown [IPv6:::1])" in stored.split(b"\r\n\r\n", 1)[0]
     finally:
         proc.kill()
+
+
+def test_null_sender_is_written_on_the_mail_log(daemon: MtadProcess) -> None:
+    # A bounce (MAIL FROM:<>) must be greppable as such: "sender":"" rather than no sender at all.
+    with smtplib.SMTP(*daemon.mx, timeout=10) as client:
+        client.sendmail("", ["user@example.test"], b"Subject: bounce\r\n\r\nbody\r\n")
+    [event] = wait_for(lambda: [e for e in daemon.mail_log() if e["type"] == "received"])
+    assert event["sender"] == ""
+    [entry] = daemon.queue_json()
+    daemon.mtactl("queue", "hold", entry["id"])
+    held = wait_for(lambda: [e for e in daemon.mail_log() if e["type"] == "held"])
+    assert "sender" not in held[0]  # an operator action has no sender to report
+
+
+def test_http_address_in_use_is_a_clean_start_failure(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path)
+        cfg.write_text(cfg.read_text().replace('[http]\naddress = "127.0.0.1:0"', f'[http]\naddress = "127.0.0.1:{port}"', 1))
+        result = subprocess.run([sys.executable, "-m", "mtad.daemon", "--config", str(cfg)],
+                                capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    failed = [json.loads(line) for line in result.stdout.splitlines() if '"daemon.start_failed"' in line]
+    assert failed and f"127.0.0.1:{port}" in failed[0]["error"], result.stdout
+    assert any('"daemon.stopped"' in line for line in result.stdout.splitlines())
+
+
+def test_sighup_keeps_reporting_a_change_that_needs_a_restart(daemon: MtadProcess) -> None:
+    def reloads() -> list[dict]:
+        return [r for r in daemon.records() if r.get("event") in ("config.reloaded", "config.reload_needs_restart")]
+
+    original = daemon.config.read_text()
+    daemon.config.write_text(original.replace('hostname = "mx.test.local"', 'hostname = "other.test.local"'))
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: len([r for r in reloads() if r["event"] == "config.reloaded"]) == 1)
+    daemon.signal(signal.SIGHUP)  # nothing changed since, but the new hostname is still not in use
+    wait_for(lambda: len([r for r in reloads() if r["event"] == "config.reloaded"]) == 2)
+    daemon.config.write_text(original)  # back to what runs: nothing pending any more
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: len([r for r in reloads() if r["event"] == "config.reloaded"]) == 3)
+    kinds = [(r["event"], tuple(r.get("keys", ()))) for r in reloads()]
+    assert kinds == [
+        ("config.reload_needs_restart", ("server.hostname",)), ("config.reloaded", ()),
+        ("config.reload_needs_restart", ("server.hostname",)), ("config.reloaded", ()),
+        ("config.reloaded", ()),
+    ]
+    with smtplib.SMTP(*daemon.mx, timeout=10) as client:
+        assert client.ehlo("client.test")[1].split(b"\n")[0] == b"mx.test.local"
+
+
+def test_session_diagnostics_name_the_client_address(daemon: MtadProcess) -> None:
+    # The diagnostic log uses the mail log's words: client_address and listener.
+    with socket.create_connection(daemon.mx, timeout=10) as raw:
+        raw.recv(1024)
+        replies = b""
+        for _ in range(40):
+            raw.sendall(b"BOGUS\r\n")
+            replies += raw.recv(1024)
+            if b"421" in replies:
+                break
+    assert b"421 4.7.0" in replies
+    [record] = wait_for(lambda: [r for r in daemon.records() if r.get("event") == "session.too_many_errors"])
+    assert record["client_address"] == "127.0.0.1" and record["listener"] == "mx"

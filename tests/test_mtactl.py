@@ -227,3 +227,46 @@ def test_unix_socket_admin_address(tmp_path: Path) -> None:
             daemon.close()
         ctl = Ctl(write_config(tmp_path, tmp_path / "spool", path))
         assert ctl.failed("stats") == f"mtactl: cannot reach mtad at {path}: no such socket\n"
+
+
+def test_show_prints_the_same_arrival_second_twice() -> None:
+    # 12:00:40.6 is shown as 12:00:40 (strftime truncates): the unix seconds beside it must not
+    # round up to the next second.
+    from mtad.http.adminapi import MessageDetail
+    from mtad.mtactl.output import message_details
+
+    detail = MessageDetail(id="0" * 22, message_id="<m@x>", sender="a@b.test", size=1,
+                           arrival_time=1_795_000_000.6, recipients=[])
+    [line] = [line for line in message_details(detail) if line.startswith("arrival")]
+    assert line.endswith(":40 " + time.strftime("%z", time.localtime(1_795_000_000)) + " (1795000000)"), line
+
+
+def test_text_output_never_sends_control_characters_to_the_terminal() -> None:
+    # A stranger's Subject with ANSI escapes, a bell and backspaces: shown, not obeyed.
+    from mtad.http.adminapi import Header, MessageDetail, RecipientView
+    from mtad.mtactl.output import message_details, queue_listing
+
+    recipient = RecipientView(address="u@example.test", state="deferred", attempts=1, next_attempt=0.0,
+                              last_reply="451 \x1b]0;owned\x07 try later")
+    detail = MessageDetail(id="0" * 22, message_id="<m\x1b[2J@x>", sender="a@b.test", size=1, arrival_time=0.0,
+                           recipients=[recipient], headers=[Header("Subject", "\x1b[31mRED\x1b[0m a\x08\x08b\tc\x9b")])
+    shown = "\n".join([*message_details(detail), *queue_listing([detail])])
+    assert not any(ord(c) < 0x20 and c not in "\t\n" or 0x7F <= ord(c) < 0xA0 for c in shown), repr(shown)
+    assert "Subject: \\x1b[31mRED\\x1b[0m a\\x08\\x08b\tc\\x9b" in shown
+    assert "<m\\x1b[2J@x>" in shown and "451 \\x1b]0;owned\\x07 try later" in shown
+
+
+def test_dsn_table_never_sends_control_characters_to_the_terminal(tmp_path: Path) -> None:
+    bounce = tmp_path / "esc.eml"
+    bounce.write_bytes(
+        b'From: MAILER-DAEMON@x.test\r\nTo: a@b.test\r\nSubject: Undelivered Mail\r\n'
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        b"--B\r\nContent-Type: text/plain\r\n\r\nfailed\r\n"
+        b"--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; x.test\r\n\r\n"
+        b"Final-Recipient: rfc822; u@example.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 \x1b[31muser unknown\x1b[0m\x07\r\n--B--\r\n")
+    result = subprocess.run([sys.executable, "-m", "mtad.mtactl.main", "dsn", str(bounce)],
+                            capture_output=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert b"\x1b" not in result.stdout and b"\x07" not in result.stdout
+    assert b"550 5.1.1 \\x1b[31muser unknown\\x1b[0m\\x07" in result.stdout, result.stdout

@@ -313,6 +313,8 @@ async def test_recipient_limit_answers_452_and_keeps_the_first_ones() -> None:
         await raw.ask(b"DATA\r\n", b"354")
         assert QUEUED.fullmatch(await raw.ask(b"Subject: x\r\n\r\n.\r\n", b"250"))
         assert [r.address for r in rx.spool.stored[0][1]] == ["a@example.test", "b@example.test"]
+        [refused] = rx.of_type("rejected")
+        assert refused.recipients == ["c@example.test"] and refused.reply.startswith("452 4.5.3")
 
 
 @pytest.mark.asyncio

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 import msgspec
 
 from mtad.dsn import DsnRecord, parse
+from mtad.mtactl.output import printable
 
 _encoder = msgspec.json.Encoder()
 _COLUMNS = (("recipient", 34), ("action", 9), ("status", 8), ("reason", 15), ("class", 10))
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             if many:
                 out.write(("\n" if index else "") + f"==> {name} <==\n")
-            out.write("\n".join(table(records)) + "\n")
+            # A bounce is a stranger's text: its controls are shown, not sent to the terminal.
+            out.write("\n".join(map(printable, table(records))) + "\n")
     out.flush()
     return status
 

@@ -1,6 +1,8 @@
 """How mtactl prints: mailq-style queue listings, message details, stats, and JSON lines.
 
 Pure: functions from adminapi Structs to text. Times are shown in local time, like mailq.
+Trust: header values, message ids and replies come from strangers; control characters in
+them (ESC, BEL, backspace, ...) are printed as `\\xNN`, never sent to the operator's terminal.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ _HEADER = f"{'-Queue ID-':<{_ID_WIDTH + 1}} --Size-- ----Arrival Time---- -Sende
 _INDENT = " " * (_ID_WIDTH + 1 + 1 + 8 + 1 + 20 + 1)
 
 _encoder = msgspec.json.Encoder()
+
+# C0 controls but TAB, DEL, C1 controls: what a terminal would act on rather than print.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0))}
+
+
+def printable(line: str) -> str:
+    """LINE with every terminal control character written out as `\\xNN`."""
+    return line.translate(_CONTROLS)
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +57,7 @@ def queue_listing(entries: Iterable[QueueEntry]) -> Iterator[str]:
             yield _HEADER
         count += 1
         total += entry.size
-        yield from _entry_lines(entry)
+        yield from map(printable, _entry_lines(entry))
     if count == 0:
         yield "Mail queue is empty"
     else:
@@ -84,12 +94,16 @@ def _when(unix: float) -> str:
 
 def message_details(detail: MessageDetail) -> Iterator[str]:
     """`queue show`: envelope, per-recipient state, then the header block."""
+    return map(printable, _detail_lines(detail))
+
+
+def _detail_lines(detail: MessageDetail) -> Iterator[str]:
     fields = [
         ("queue id", detail.id),
         ("message-id", detail.message_id or "(none)"),
         ("sender", f"<{detail.sender}>"),
         ("size", f"{detail.size} bytes"),
-        ("arrival", f"{_when(detail.arrival_time)} ({detail.arrival_time:.0f})"),
+        ("arrival", f"{_when(detail.arrival_time)} ({int(detail.arrival_time)})"),  # same second as _when
         ("held", "yes" if detail.held else "no"),
         ("client", _joined(detail.client_address, detail.client_helo and f"helo={detail.client_helo}")),
         (

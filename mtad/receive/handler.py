@@ -140,6 +140,7 @@ class Dialog:
             return reply.RECIPIENT_OK  # one delivery per address, however often it is named
         if len(self.recipients) >= self.settings.limits.max_recipients:
             self.wasted += 1
+            self._rejected(reply.TOO_MANY_RECIPIENTS, sender_text(self.mail), [address])
             return reply.TOO_MANY_RECIPIENTS  # RFC 5321 4.5.3.1.10: 452, the client retries later
         self._seen.add(address)
         self.recipients.append(Recipient(address=address, notify=parsed.notify, orcpt=parsed.orcpt))

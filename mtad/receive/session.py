@@ -212,7 +212,7 @@ class SmtpSession(SMTP):
         # RFC 5321 4.5.3.2 times each wait; the deadline also ends a client that trickles a
         # line just often enough to never be idle (slowloris).
         slow = now >= self._deadline
-        log.info("session.timeout", client=self.client_ip, listener=self.role, slow=slow)
+        log.info("session.timeout", client_address=self.client_ip, listener=self.role, slow=slow)
         self._abort(reply.DATA_TOO_SLOW if slow and not self._closing else self._timeout_reply)
 
     # -- writing ------------------------------------------------------------------------------
@@ -228,12 +228,12 @@ class SmtpSession(SMTP):
     def _count_error(self) -> None:
         self._errors += 1
         if self._errors > self.limits.max_bad_commands:
-            log.info("session.too_many_errors", client=self.client_ip, listener=self.role)
+            log.info("session.too_many_errors", client_address=self.client_ip, listener=self.role)
             self._abort(reply.TOO_MANY_ERRORS)
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default puts the exception text in the reply; ours never does.
-        log.error("session.exception", client=self.client_ip, exc_info=error)
+        log.error("session.exception", client_address=self.client_ip, listener=self.role, exc_info=error)
         return str(reply.INTERNAL_ERROR)
 
     # -- the command loop ---------------------------------------------------------------------
@@ -255,7 +255,7 @@ class SmtpSession(SMTP):
             pass
         except Exception as error:  # noqa: BLE001 - the session's last guard; the peer only sees a close
             # Past the per-command guard: STARTTLS failures and the like. Close, quietly.
-            log.info("session.closed_on_error", client=self.client_ip, error=type(error).__name__)
+            log.info("session.closed_on_error", client_address=self.client_ip, listener=self.role, error=type(error).__name__)
         finally:
             self._hang_up()
             self._busy = False
@@ -305,7 +305,7 @@ class SmtpSession(SMTP):
         except Exception as error:
             if name == "STARTTLS":
                 raise  # the connection is half switched to TLS: nothing sane left to say
-            log.error("session.exception", client=self.client_ip, command=name, exc_info=error)
+            log.error("session.exception", client_address=self.client_ip, listener=self.role, command=name, exc_info=error)
             dialog.reset()
             await self._reply(reply.INTERNAL_ERROR)
         if dialog.wasted > max(before, self.limits.max_junk_commands):
