@@ -92,8 +92,12 @@ class DataParser:
         pending = self._carry + data if self._carry else data
         last = pending.rfind(b"\r\n")
         if last >= 0:
-            self._carry = pending[last + 2:]
+            carry = pending[last + 2:]
             self._lines(pending[:last + 2])
+            if self._refused:
+                self.size += len(carry)  # refused inside the run: what follows is only counted
+                return
+            self._carry = carry
         else:
             self._carry = pending
         if len(self._carry) > self._max_line and not self._refused:
