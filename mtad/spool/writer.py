@@ -263,8 +263,14 @@ class Writer:
             if failure is not None:
                 txns.abort()
                 failed_at, error = failure
-                if isinstance(error, SpoolFull) and self._reclaim():
-                    continue  # the same ops again, now with the freed pages usable
+                if isinstance(error, SpoolFull):
+                    if txns.doomed and self._doomed:
+                        # This transaction was also deleting bodies, and LMDB does not reuse
+                        # pages freed in the same transaction: commit the deletions alone
+                        # first, so that _reclaim can make their pages usable.
+                        self._purge()
+                    if self._reclaim():
+                        continue  # the same ops again, now with the freed pages usable
                 settled.append((pending[failed_at], None, error))
                 pending = pending[:failed_at] + pending[failed_at + 1 :]
                 continue
