@@ -90,18 +90,29 @@ def parse_params(text: str, *, esmtp: bool, smtputf8: bool = False) -> dict[str,
     return params
 
 
-def parse_mail(arg: str | None, *, esmtp: bool, max_size: int) -> MailRequest | Reply:
-    """Decide a MAIL command's argument: a MailRequest, or the Reply refusing it."""
-    text = strip_keyword(arg, "FROM:")
+def _path_and_params(arg: str | None, keyword: str, *, esmtp: bool,
+                     smtputf8: bool) -> tuple[str, str, dict[str, str]] | Reply:
+    """`FROM:<path> PARAMS` / `TO:<path> PARAMS` cut into the path, the parameter text and
+    the parameters parsed from it."""
+    text = strip_keyword(arg, keyword)
     if text is None:
         return reply.BAD_SYNTAX
     try:
         path, param_text = split_path(text)
     except AddressError:
         return reply.BAD_ADDRESS
-    params = parse_params(param_text, esmtp=esmtp, smtputf8=True)
+    params = parse_params(param_text, esmtp=esmtp, smtputf8=smtputf8)
     if isinstance(params, Reply):
         return params
+    return path, param_text, params
+
+
+def parse_mail(arg: str | None, *, esmtp: bool, max_size: int) -> MailRequest | Reply:
+    """Decide a MAIL command's argument: a MailRequest, or the Reply refusing it."""
+    split = _path_and_params(arg, "FROM:", esmtp=esmtp, smtputf8=True)
+    if isinstance(split, Reply):
+        return split
+    path, param_text, params = split
     if any(params.get(keyword) == "" for keyword in _MAIL_VALUED):
         return reply.BAD_SYNTAX  # `BODY` or `RET` alone is not "BODY=7BIT"
     smtputf8 = False
@@ -139,16 +150,10 @@ def parse_mail(arg: str | None, *, esmtp: bool, max_size: int) -> MailRequest | 
 
 def parse_rcpt(arg: str | None, *, esmtp: bool, smtputf8: bool, hostname: str) -> RcptRequest | Reply:
     """Decide a RCPT command's argument (syntax only; relay policy is `recipient_reply`)."""
-    text = strip_keyword(arg, "TO:")
-    if text is None:
-        return reply.BAD_SYNTAX
-    try:
-        path, param_text = split_path(text)
-    except AddressError:
-        return reply.BAD_ADDRESS
-    params = parse_params(param_text, esmtp=esmtp, smtputf8=smtputf8)
-    if isinstance(params, Reply):
-        return params
+    split = _path_and_params(arg, "TO:", esmtp=esmtp, smtputf8=smtputf8)
+    if isinstance(split, Reply):
+        return split
+    path, _, params = split
     try:
         if path.lower() == "<postmaster>":
             # RFC 5321 4.5.1: <Postmaster> without a domain names this host's postmaster.
