@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,24 @@ def daemon(tmp_path: Path):
 def send(addr: tuple[str, int], rcpt: str, body: bytes = b"Subject: hi\r\n\r\nhello\r\n") -> None:
     with smtplib.SMTP(*addr, timeout=10) as client:
         client.sendmail("sender@origin.test", [rcpt], body)
+
+
+@contextmanager
+def taken_port() -> Iterator[int]:
+    """A loopback port something (this test) is listening on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def config_with(directory: Path, old: str, new: str) -> Path:
+    """The harness config with one fragment replaced (which must be there)."""
+    cfg = write_config(directory)
+    text = cfg.read_text()
+    assert old in text, old
+    cfg.write_text(text.replace(old, new, 1))
+    return cfg
 
 
 def test_check_accepts_shipped_config() -> None:
@@ -47,12 +67,8 @@ def test_check_names_every_bad_key_and_exits_2(tmp_path: Path) -> None:
 
 def test_check_opens_no_socket(tmp_path: Path) -> None:
     # The configured port is taken by us; --check must still succeed because it binds nothing.
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        cfg = write_config(tmp_path)
-        cfg.write_text(cfg.read_text().replace('address = "127.0.0.1:0"\n\n[http]', f'address = "127.0.0.1:{port}"\n\n[http]', 1))
+    with taken_port() as port:
+        cfg = config_with(tmp_path, 'role = "mx"\naddress = "127.0.0.1:0"', f'role = "mx"\naddress = "127.0.0.1:{port}"')
         result = subprocess.run([sys.executable, "-m", "mtad.daemon", "--config", str(cfg), "--check"],
                                 capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -176,12 +192,8 @@ def test_null_sender_is_written_on_the_mail_log(daemon: MtadProcess) -> None:
 
 
 def test_http_address_in_use_is_a_clean_start_failure(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        cfg = write_config(tmp_path)
-        cfg.write_text(cfg.read_text().replace('[http]\naddress = "127.0.0.1:0"', f'[http]\naddress = "127.0.0.1:{port}"', 1))
+    with taken_port() as port:
+        cfg = config_with(tmp_path, '[http]\naddress = "127.0.0.1:0"', f'[http]\naddress = "127.0.0.1:{port}"')
         result = subprocess.run([sys.executable, "-m", "mtad.daemon", "--config", str(cfg)],
                                 capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
