@@ -54,6 +54,10 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     attempts: int = 0
     delay: float = 0.0
     reason: str = ""
+    status: str = ""
+    """RFC 3463 enhanced status of a delivery outcome ("5.1.1")."""
+    bounce_class: str = ""
+    """hard / soft / complaint / auto-reply / unknown, for bounced and complained events."""
 
 
 Subscriber = Callable[[Event], None]

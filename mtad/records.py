@@ -17,6 +17,20 @@ import msgspec
 RecipientStateName = Literal["queued", "deferred", "held", "scheduled", "active"]
 
 
+class Attempt(msgspec.Struct, kw_only=True):
+    """One delivery attempt of one recipient, for `mtactl queue show`."""
+
+    time: float
+    reply: str
+    """The remote reply or local error, as one line."""
+    relay: str = ""
+    """host[ip]:port of the server that answered, when one did."""
+
+
+MAX_HISTORY = 10
+"""Attempts remembered per recipient (the latest)."""
+
+
 class Recipient(msgspec.Struct, kw_only=True):
     """One recipient of a queued message and where its delivery stands."""
 
@@ -31,6 +45,10 @@ class Recipient(msgspec.Struct, kw_only=True):
     """RFC 3461 ORCPT, as given (addr-type;xtext)."""
     notify: str = ""
     """RFC 3461 NOTIFY, as given (NEVER or SUCCESS,FAILURE,DELAY)."""
+    warned: bool = False
+    """A "delayed" DSN has gone to the sender for this recipient."""
+    history: list[Attempt] = []
+    """The latest attempts, oldest first (at most MAX_HISTORY)."""
 
 
 class Envelope(msgspec.Struct, kw_only=True):

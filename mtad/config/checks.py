@@ -13,6 +13,7 @@ TLS on submissions), RFC 6409 4.3 (submission needs authentication, hence TLS).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from mtad.config.endpoints import (
     parse_hostport,
     parse_nameserver,
 )
-from mtad.config.schema import Config, Route, show
+from mtad.config.schema import Config, Delivery, Route, show
 
 _NEEDS_TLS = ("submission", "submissions")
 
@@ -79,6 +80,8 @@ def review(cfg: Config, base_dir: Path) -> tuple[Config, list[str]]:
         problems.append("tls.cert: must be set when tls.key is set")
     tls = msgspec.structs.replace(tls, cert=resolve(tls.cert, base_dir), key=resolve(tls.key, base_dir))
 
+    delivery = _review_delivery(cfg, check, problems)
+
     if cfg.limits.max_message_size >= cfg.spool.map_size:
         problems.append(
             f"limits.max_message_size: {cfg.limits.max_message_size} bytes does not fit in "
@@ -92,9 +95,35 @@ def review(cfg: Config, base_dir: Path) -> tuple[Config, list[str]]:
         inbound=msgspec.structs.replace(cfg.inbound, domains=domains),
         route=routes,
         tls=tls,
+        delivery=delivery,
         log=log,
     )
     return normalised, problems
+
+
+def _review_delivery(cfg: Config, check: Callable[[str, Callable[[str], object], str], object],
+                     problems: list[str]) -> Delivery:
+    """[delivery]: the HELO name a domain, source addresses of the right family, sane orders."""
+    delivery = cfg.delivery
+    helo = delivery.helo_name
+    if helo:
+        name = check("delivery.helo_name", normalize_domain, helo)
+        helo = name if isinstance(name, str) else helo
+    for key, value, family in (("delivery.source_address", delivery.source_address, 4),
+                               ("delivery.source_address6", delivery.source_address6, 6)):
+        if value:
+            try:
+                if ipaddress.ip_address(value).version != family:
+                    problems.append(f"{key}: {value!r} is not an IPv{family} address")
+            except ValueError:
+                problems.append(f"{key}: {value!r} is not an IP address")
+    if delivery.max_backoff < delivery.min_backoff:
+        problems.append(f"delivery.max_backoff: {delivery.max_backoff:g}s is shorter than "
+                        f"delivery.min_backoff ({delivery.min_backoff:g}s)")
+    if delivery.initial_concurrency > delivery.destination_concurrency:
+        problems.append(f"delivery.initial_concurrency: {delivery.initial_concurrency} is above "
+                        f"delivery.destination_concurrency ({delivery.destination_concurrency})")
+    return msgspec.structs.replace(delivery, helo_name=helo or cfg.server.hostname)
 
 
 def _check_sockets(cfg: Config, check: Callable[[str, Callable[[str], object], str], object]) -> list[str]:

@@ -165,6 +165,50 @@ class Dns(_Table):
 class Delivery(_Table):
     max_queue_lifetime: Annotated[Duration, Within(60, 90 * 86400)] = Duration(5 * 86400)
     """Recipients still undelivered after this long expire and bounce."""
+    helo_name: str = ""
+    """Name we give in EHLO/HELO to other servers; empty: server.hostname."""
+    source_address: str = ""
+    """Local IPv4 address outbound connections come from; empty: the kernel chooses."""
+    source_address6: str = ""
+    """Local IPv6 address outbound connections come from; empty: the kernel chooses."""
+    min_backoff: Annotated[Duration, Within(1, 86400)] = Duration(300)
+    """First retry delay after a temporary failure; it doubles per attempt (with jitter)."""
+    max_backoff: Annotated[Duration, Within(1, 7 * 86400)] = Duration(4 * 3600)
+    """Longest delay between two attempts."""
+    delay_warning: Annotated[Duration, Within(0, 90 * 86400)] = Duration(0)
+    """Send the sender one "delayed" DSN once a recipient has waited this long; 0 disables."""
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+    """Outbound SMTP connections open at once, over all destinations."""
+    initial_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    """Connections a destination starts with; the window grows on success, shrinks on failure."""
+    destination_concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
+    """Most connections to one destination at once (the largest window)."""
+    max_recipients_per_transaction: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    """Recipients of one message sent in one SMTP transaction (RFC 5321 4.5.3.1.8: servers take 100)."""
+    max_messages_per_connection: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
+    """Transactions over one connection before it is closed and a new one opened."""
+    connection_idle_timeout: Annotated[Duration, Within(0, 3600)] = Duration(5)
+    """How long an idle outbound connection is kept for reuse; 0 closes it after each message."""
+    suspend_after: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 5
+    """Consecutive failed connections to a destination, with no success, before it counts as
+    dead: its queue is suspended and its mail deferred until suspend_time has passed."""
+    suspend_time: Annotated[Duration, Within(1, 86400)] = Duration(300)
+    """How long a dead destination rests before the next try (`mtactl queue flush` ends it early)."""
+    active_limit: Annotated[int, msgspec.Meta(ge=10, le=1_000_000)] = 20000
+    """Messages the scheduler holds in memory (due now, waiting for a connection); the rest stay
+    in the spool's due index until there is room."""
+    connect_timeout: Annotated[Duration, Within(0.1, 3600)] = Duration(30)
+    """TCP connect to one address of a next hop."""
+    greeting_timeout: Annotated[Duration, Within(0.1, 3600)] = Duration(300)
+    """The server's 220 banner (RFC 5321 4.5.3.2.1: 5 minutes)."""
+    command_timeout: Annotated[Duration, Within(0.1, 3600)] = Duration(300)
+    """Each reply to EHLO, STARTTLS, MAIL, RCPT, RSET (RFC 5321 4.5.3.2.2-3: 5 minutes)."""
+    data_timeout: Annotated[Duration, Within(0.1, 3600)] = Duration(120)
+    """The 354 reply to DATA (RFC 5321 4.5.3.2.4: 2 minutes)."""
+    data_block_timeout: Annotated[Duration, Within(0.1, 3600)] = Duration(180)
+    """Each block of message data written (RFC 5321 4.5.3.2.5: 3 minutes)."""
+    final_timeout: Annotated[Duration, Within(0.1, 3600)] = Duration(600)
+    """The reply to the final dot (RFC 5321 4.5.3.2.6: 10 minutes)."""
 
 
 class Spool(_Table):
