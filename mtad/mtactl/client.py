@@ -87,6 +87,11 @@ class AdminClient:
     def delete(self, path: str, type_: type[T], *, queue_id: str = "") -> T:
         return self._decode(self._call("DELETE", path, queue_id), type_)
 
+    def send(self, method: str, path: str, type_: type[T], body: object = None) -> T:
+        """Any method, with `body` (a Struct, dict or list) sent as JSON when given."""
+        data = None if body is None else msgspec.json.encode(body)
+        return self._decode(self._call(method, path, body=data), type_)
+
     def lines(self, path: str, type_: type[T]) -> Iterator[T]:
         """Decode a JSON-lines answer one line at a time, as it arrives."""
         decoder = msgspec.json.Decoder(type_)
@@ -113,11 +118,14 @@ class AdminClient:
         finally:
             response.close()
 
-    def _call(self, method: str, path: str, queue_id: str = "") -> http.client.HTTPResponse:
+    def _call(self, method: str, path: str, queue_id: str = "", *,
+              body: bytes | None = None) -> http.client.HTTPResponse:
         connection = self._connection()
         headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            connection.request(method, path, headers=headers)
+            connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             connection.close()

@@ -16,15 +16,15 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from mtad.mtactl import queue, stats
+from mtad.mtactl import queue, stats, tenant
 from mtad.mtactl.client import DEFAULT_CONFIG, ClientError
 
-# Command groups that may be absent from a build: `mtactl dsn` (offline DSN parsing).
-_OPTIONAL_GROUPS = ("mtad.mtactl.dsn",)
+# Command groups that may be absent from a build: `mtactl dsn` (offline DSN parsing), `mtactl dkim`.
+_OPTIONAL_GROUPS = ("mtad.mtactl.dsn", "mtad.mtactl.dkim")
 
 
 def command_groups() -> list[ModuleType]:
-    groups = [queue, stats]
+    groups = [queue, stats, tenant]
     for name in _OPTIONAL_GROUPS:
         if importlib.util.find_spec(name) is not None:
             groups.append(importlib.import_module(name))
