@@ -4,7 +4,8 @@ Lifecycle: load config -> open and recover the spool -> start HTTP (public, admi
 SMTP listeners -> READY=1 -> run until SIGTERM/SIGINT -> STOPPING=1 -> stop listening ->
 let sessions finish within server.shutdown_grace -> stop HTTP -> close the spool -> exit 0.
 SIGHUP re-reads the config file and applies what can change in flight (limits, inbound
-domains, TLS certificate, log level, mail log file); it logs the keys that need a restart.
+domains, TLS certificate, log level, mail log file, [dkim] and the DKIM keys); it logs the
+keys that need a restart.
 Nothing imports this module.
 """
 
@@ -25,13 +26,17 @@ import structlog
 from mtad import sdnotify
 from mtad.config import ConfigError, load_config
 from mtad.config.schema import Config
+from mtad.dkim import DkimSigner, key_dir_of, policy_of
 from mtad.events import Counters, Event, EventBus, EventType
 from mtad.http.admin import build_admin_app, ensure_admin_token
+from mtad.http.adminapi import DkimReloaded
 from mtad.http.public import build_public_app
 from mtad.http.server import HttpServer, HttpServerError
 from mtad.ingest import Ingest
 from mtad.maillog import MailLog, configure_logging
+from mtad.platform.tenants import StateDbError, TenantDirectory
 from mtad.receive.listeners import Receiver
+from mtad.receive.tls import ensure_self_signed, server_context
 from mtad.spool import Spool, SpoolError
 
 log = structlog.get_logger("mtad.daemon")
@@ -41,32 +46,41 @@ _RESTART_KEYS = ("server.spool_dir", "server.hostname", "listener", "http", "spo
 
 
 class OperatorEvents:
-    """The admin API's queue hooks: every operator action becomes an event on the mail log."""
+    """The admin API's queue hooks: every operator action becomes an event on the mail log,
+    and the delivery scheduler hears of it."""
 
-    def __init__(self, bus: EventBus) -> None:
+    def __init__(self, bus: EventBus, delivery: Any = None) -> None:
         self._bus = bus
+        self._delivery = delivery
 
     def _publish(self, kind: EventType, queue_id: str, reason: str) -> None:
         self._bus.publish(Event(type=kind, time=time.time(), queue_id=queue_id, reason=reason))
 
     def held(self, queue_id: str) -> None:
         self._publish("held", queue_id, "operator: queue hold")
+        if self._delivery is not None:
+            self._delivery.held(queue_id)
 
     def released(self, queue_id: str) -> None:
         self._publish("released", queue_id, "operator: queue release")
+        if self._delivery is not None:
+            self._delivery.released(queue_id)
 
     def deleted(self, queue_id: str) -> None:
         self._publish("dropped", queue_id, "operator: queue delete")
+        if self._delivery is not None:
+            self._delivery.deleted(queue_id)
 
 
 def build_tls_context(cfg: Config) -> ssl.SSLContext | None:
-    """The server-side context for STARTTLS and implicit TLS, or None when [tls] is empty."""
+    """The server-side context for STARTTLS and implicit TLS, or None when [tls] is empty.
+    With `[tls] self_signed` (development only) the certificate is made under the spool."""
+    if cfg.tls.self_signed and not cfg.tls.cert:
+        cert, key = ensure_self_signed(os.path.join(cfg.server.spool_dir, "tls"), cfg.server.hostname)
+        return server_context(cert, key)
     if not cfg.tls.cert:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cfg.tls.cert, cfg.tls.key)
-    return ctx
+    return server_context(cfg.tls.cert, cfg.tls.key)
 
 
 class Daemon:
@@ -82,8 +96,15 @@ class Daemon:
         self.bus.subscribe(self.maillog)
         self.spool: Spool | None = None
         self.receiver: Receiver | None = None
+        self.tenants: TenantDirectory | None = None
+        """Tenants, SMTP users, API keys (state.db), opened after the spool."""
+        self.delivery: Any = None  # the delivery engine (being wired)
+        self.own_addresses: set[str] = set()
+        """Addresses our listeners bound ("ip:port"), filled once they are open: the router's loop check."""
         self.http: list[HttpServer] = []
         self.started = time.time()
+        self.dkim = DkimSigner(key_dir_of(cfg), policy_of(cfg))
+        self._reloads: set[asyncio.Task[Any]] = set()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         reasons = []
@@ -113,12 +134,16 @@ class Daemon:
             log.info("spool.recovered", spool_dir=cfg.server.spool_dir, messages=report.messages,
                      recipients=report.recipients, corrupt=report.corrupt, orphan_bodies=report.orphan_bodies,
                      seconds=round(report.seconds, 3))
+            self.tenants = await TenantDirectory.open(os.path.join(cfg.server.spool_dir, "state.db"))
+            log.info("tenants.loaded", tenants=len(self.tenants.tenants()))
             token = ensure_admin_token(cfg.server.spool_dir)
             tls_context = build_tls_context(cfg)
-            ingest = Ingest(self.spool, self.bus, cfg.server.hostname)
+            await self.reload_dkim()
+            ingest = Ingest(self.spool, self.bus, cfg.server.hostname, signer=self.dkim)
             self.receiver = Receiver(
                 listeners=cfg.listener, limits=cfg.limits, inbound_domains=cfg.inbound.domains,
                 hostname=cfg.server.hostname, ingest=ingest, bus=self.bus, tls_context=tls_context,
+                tenants=self.tenants, quotas=self.tenants.quotas,
             )
             public = HttpServer()
             await public.start(build_public_app(health=self.health), cfg.http.address)
@@ -126,17 +151,19 @@ class Daemon:
             admin = HttpServer()
             await admin.start(
                 build_admin_app(spool=self.spool, counters=self.counters, token=token, started=self.started,
-                                queue_hooks=OperatorEvents(self.bus)),
+                                queue_hooks=OperatorEvents(self.bus, self.delivery),
+                                tenants=self.tenants, dkim_reload=self.reload_dkim),
                 cfg.http.admin_address,
             )
             self.http.append(admin)
             await self.receiver.start()
-        except (OSError, ssl.SSLError, HttpServerError) as exc:
+        except (OSError, ssl.SSLError, HttpServerError, StateDbError) as exc:
             log.error("daemon.start_failed", error=str(exc))
             await self._shutdown()
             return 1
         for role, host, port in self.receiver.bound():
             log.info("listener.open", role=role, address=f"{host}:{port}")
+            self.own_addresses.add(f"{host}:{port}")
         log.info("http.open", public=public.bound(), admin=admin.bound())
         self._install_signals()
         sdnotify.notify("READY=1\nSTATUS=accepting mail")
@@ -181,16 +208,30 @@ class Daemon:
         if changed_restart:
             log.warning("config.reload_needs_restart", keys=changed_restart)
         log.info("config.reloaded", applied=["limits", "inbound.domains", "tls", "log"])
+        task = asyncio.get_running_loop().create_task(self.reload_dkim())  # the running config's key_dir
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload_dkim(self, cfg: Config | None = None) -> DkimReloaded:
+        """Read the DKIM keys again (at start, SIGHUP, `mtactl dkim genkey`), off the loop."""
+        settings = cfg or self.cfg
+        domains, keys, problems = await asyncio.to_thread(self.dkim.reload, key_dir_of(settings), policy_of(settings))
+        return DkimReloaded(domains=domains, keys=keys, problems=problems)
 
     async def _shutdown(self) -> None:
         grace = float(self.cfg.server.shutdown_grace)
         if self.receiver is not None:
             await self.receiver.stop_accepting()
             await self.receiver.drain(grace)
+        if self.delivery is not None:
+            await self.delivery.stop(grace)
         for server in reversed(self.http):
             await server.stop()
+        if self.tenants is not None:
+            await self.tenants.close()
         if self.spool is not None:
             await self.spool.close()
+        await asyncio.to_thread(self.dkim.close)
         self.maillog.close()
         log.info("daemon.stopped")
 

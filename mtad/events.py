@@ -58,6 +58,10 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     """RFC 3463 enhanced status of a delivery outcome ("5.1.1")."""
     bounce_class: str = ""
     """hard / soft / complaint / auto-reply / unknown, for bounced and complained events."""
+    tenant: str = ""
+    """The tenant the message was submitted as (authenticated submission, HTTP API)."""
+    user: str = ""
+    """The SMTP AUTH username a rejected authentication claimed (never the password)."""
 
 
 Subscriber = Callable[[Event], None]

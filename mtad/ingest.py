@@ -12,8 +12,13 @@ handed over as a bytearray (the SMTP receiver's) is taken over and our lines are
 it in place, so a message of tens of MB is held once, not copied; a bytes body is copied once.
 A header section above 256 KiB (hostile, or a mail loop's) is searched in a worker thread.
 
+With a `signer` (mtad.dkim.DkimSigner), mail from the listeners it applies to is DKIM-signed
+off the loop, after Message-ID/Date are added and before our Received is prepended, so the
+signature covers those fields and not our trace header: Received, DKIM-Signature, the rest.
+
 Trust: the body is the client's and hostile; we only read its header section.
-RFCs: 5321 4.4 (trace fields), 5322 3.3 (date-time), 3.6.4 (Message-ID), 3.6.7 (trace order).
+RFCs: 5321 4.4 (trace fields), 5322 3.3 (date-time), 3.6.4 (Message-ID), 3.6.7 (trace order),
+6376 5.6 (DKIM-Signature prepended).
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class Submission(msgspec.Struct, kw_only=True):
     header_end: int = -1
     """header_section_end(body), when the caller already knows it (the SMTP receiver finds it
     while reading); -1: ingest finds it."""
+    tenant: str = ""
+    """The authenticated tenant's name (submission, HTTP API); "" when there is none (mx)."""
 
 
 class IngestError(Exception):
@@ -81,6 +88,13 @@ class IngestError(Exception):
 
 class SpoolWriter(Protocol):
     async def store(self, envelope: Envelope, recipients: list[Recipient], body: bytes | memoryview) -> None: ...
+
+
+class MessageSigner(Protocol):
+    """Adds DKIM signatures (mtad.dkim.DkimSigner); sign() does its work off the loop."""
+
+    def applies(self, listener: str) -> bool: ...
+    async def sign(self, headers: bytes, body: bytes | bytearray, start: int) -> list[bytes]: ...
 
 
 def header_section_end(body: bytes | bytearray) -> int:
@@ -149,7 +163,8 @@ class Ingest:
     """Commits messages to the spool and tells the event bus; see the module docstring."""
 
     def __init__(self, spool: SpoolWriter, bus: EventBus, hostname: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, signer: MessageSigner | None = None) -> None:
+        self._signer = signer
         self._spool = spool
         self._bus = bus
         self._hostname = hostname
@@ -166,13 +181,16 @@ class Ingest:
             message_id, has_date = await asyncio.to_thread(trace_fields, section)
         else:
             message_id, has_date = trace_fields(section)
-        del section
         added = [submission.received]
         if not message_id:
             message_id = f"<{queue_id}@{self._hostname}>".encode("ascii")
             added.append(b"Message-ID: " + message_id + b"\r\n")
         if not has_date:
             added.append(f"Date: {rfc5322_date(now)}\r\n".encode("ascii"))
+        if self._signer is not None and self._signer.applies(submission.listener):
+            # Signed: the fields we add here and the client's; not our Received, prepended last.
+            added[1:1] = await self._signatures(b"".join(added[1:]) + section, body, end, queue_id)
+        del section
         data = insert_at_top(body, end, added)
         message_id_text = message_id.decode("utf-8", "replace")[:998]
         envelope = Envelope(
@@ -181,6 +199,7 @@ class Ingest:
             client_helo=submission.helo, listener=submission.listener,
             protocol=submission.protocol, smtputf8=submission.smtputf8,
             body_type=submission.body_type, ret=submission.ret, envid=submission.envid,
+            tenant=submission.tenant,
         )
         addresses = [r.address for r in submission.recipients]
         try:
@@ -203,9 +222,20 @@ class Ingest:
             type="received", time=now, queue_id=queue_id, client_address=submission.client_address,
             helo=submission.helo, sender=submission.sender, recipients=addresses, size=len(data),
             message_id=message_id_text, listener=submission.listener,
-            reply=str(reply.queued(queue_id)),
+            reply=str(reply.queued(queue_id)), tenant=submission.tenant,
         ))
         return queue_id
+
+    async def _signatures(self, headers: bytes, body: bytes | bytearray, end: int, queue_id: str) -> list[bytes]:
+        assert self._signer is not None
+        # The body starts after the blank line; without one, right after the header fields.
+        start = end + 2 if body[end:end + 2] == b"\r\n" else end
+        try:
+            return await self._signer.sign(headers, body, start)
+        except Exception:
+            # A message we cannot sign still goes out (unsigned), never lost; the log says why.
+            log.exception("dkim.sign_failed", queue_id=queue_id)
+            return []
 
     def _publish(self, event: Event) -> None:
         # The message is already durable (or already refused): a failing subscriber must not

@@ -76,6 +76,8 @@ class Envelope(msgspec.Struct, kw_only=True):
     """RFC 3461 RET (FULL or HDRS), as given."""
     envid: str = ""
     """RFC 3461 ENVID, as given."""
+    tenant: str = ""
+    """The tenant that submitted the message (authenticated SMTP submission, HTTP API); "" for mx."""
 
 
 class QueuedMessage(msgspec.Struct, kw_only=True):

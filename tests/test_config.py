@@ -405,21 +405,25 @@ def test_shipped_config_loads_as_documented() -> None:
     cfg = load_config(SHIPPED)
     assert cfg.server.hostname == "localhost"
     assert cfg.server.spool_dir == str(ROOT / "spool")
-    assert [(li.role, li.address) for li in cfg.listener] == [("mx", "127.0.0.1:2525")]
+    assert [(li.role, li.address) for li in cfg.listener] == [
+        ("mx", "127.0.0.1:2525"), ("submission", "127.0.0.1:5587"), ("submissions", "127.0.0.1:5465")]
     assert (cfg.http.address, cfg.http.admin_address) == ("127.0.0.1:8025", "127.0.0.1:8026")
     assert cfg.inbound.domains == ["localhost", "example.test"]
     assert cfg.tls.cert == cfg.tls.key == ""
+    assert cfg.tls.self_signed  # the development certificate, made at start
 
 
 def test_shipped_config_mentions_every_key() -> None:
     full = _uncommented(SHIPPED.read_text())
     assert _missing_fields(full, Config, "") == []
-    # the commented-out examples are valid too (apart from needing a certificate)
+    # the commented-out examples are valid too; the submission listeners need a certificate
     roles = [table["role"] for table in full["listener"]]
     assert roles == ["mx", "submission", "submissions"]
+    loads_config(_to_toml(full), base_dir=ROOT / "conf")
+    full["tls"]["self_signed"] = False
     with pytest.raises(ConfigError) as info:
         loads_config(_to_toml(full), base_dir=ROOT / "conf")
-    assert all("needs [tls]" in p for p in info.value.problems), info.value.problems
+    assert info.value.problems and all("needs [tls]" in p for p in info.value.problems), info.value.problems
 
 
 def _to_toml(doc: dict[str, typing.Any]) -> str:
@@ -437,7 +441,7 @@ def _to_toml(doc: dict[str, typing.Any]) -> str:
 def test_shipped_values_equal_schema_defaults_where_not_dev_specific() -> None:
     # The file says "Default: ..." for every key; the values it sets must be those defaults
     # unless the brief asks for a dev-specific value.
-    dev_specific = {"server.spool_dir", "inbound.domains"}
+    dev_specific = {"server.spool_dir", "inbound.domains", "tls.self_signed"}
     shipped = loads_config(SHIPPED.read_text(), base_dir=ROOT / "conf")
     default = loads_config("", base_dir=ROOT / "conf")
     for table in msgspec.structs.fields(Config):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from mtad.config.endpoints import (
     parse_hostport,
     parse_nameserver,
 )
-from mtad.config.schema import Config, Delivery, Route, show
+from mtad.config.schema import Config, Delivery, Dkim, Route, show
 
 _NEEDS_TLS = ("submission", "submissions")
 
@@ -57,7 +58,7 @@ def review(cfg: Config, base_dir: Path) -> tuple[Config, list[str]]:
 
     problems += _check_sockets(cfg, check)
 
-    has_tls = bool(cfg.tls.cert and cfg.tls.key)
+    has_tls = bool(cfg.tls.cert and cfg.tls.key) or cfg.tls.self_signed
     for i, listener in enumerate(cfg.listener):
         if listener.role in _NEEDS_TLS and not has_tls:
             problems.append(f'listener[{i}].role: "{listener.role}" needs [tls] cert and key')
@@ -78,6 +79,8 @@ def review(cfg: Config, base_dir: Path) -> tuple[Config, list[str]]:
         problems.append("tls.key: must be set when tls.cert is set")
     if tls.key and not tls.cert:
         problems.append("tls.cert: must be set when tls.key is set")
+    if tls.self_signed and (tls.cert or tls.key):
+        problems.append("tls.self_signed: must be false when tls.cert and tls.key are set")
     tls = msgspec.structs.replace(tls, cert=resolve(tls.cert, base_dir), key=resolve(tls.key, base_dir))
 
     delivery = _review_delivery(cfg, check, problems)
@@ -98,6 +101,7 @@ def review(cfg: Config, base_dir: Path) -> tuple[Config, list[str]]:
         delivery=delivery,
         log=log,
     )
+    normalised = msgspec.structs.replace(normalised, dkim=_review_dkim(cfg.dkim, base_dir, problems))
     return normalised, problems
 
 
@@ -231,3 +235,22 @@ def _check_pem(key: str, path: str, marker: bytes) -> str | None:
         kind = "certificate" if key == "tls.cert" else "private key"
         return f"{key}: no PEM {kind} in {path}"
     return None
+
+
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+# RFC 6376 5.4.1: fields that change in transit or per hop, which a signer SHOULD NOT sign.
+_NEVER_SIGNED = frozenset({"dkim-signature", "received", "return-path", "comments", "keywords", "bcc", "resent-bcc"})
+
+
+def _review_dkim(dkim: Dkim, base_dir: Path, problems: list[str]) -> Dkim:
+    """[dkim]: key_dir resolved against base_dir, header names that can be signed."""
+    for key in ("headers", "oversign"):
+        for i, name in enumerate(getattr(dkim, key)):
+            if not _FIELD_NAME.fullmatch(name):
+                problems.append(f"dkim.{key}[{i}]: not a header field name: {show(name)}")
+            elif name.lower() in _NEVER_SIGNED:
+                problems.append(f"dkim.{key}[{i}]: {show(name)} must not be signed (RFC 6376 5.4.1)")
+    if "from" not in {name.lower() for name in dkim.headers}:
+        problems.append('dkim.headers: must include "From" (RFC 6376 5.4)')
+    # "" stays "" (mtad.dkim.key_dir_of reads it as <spool_dir>/dkim), so the default is visible.
+    return msgspec.structs.replace(dkim, key_dir=resolve(dkim.key_dir, base_dir))

@@ -127,6 +127,18 @@ class Limits(_Table):
     """Hop limit: a message with more Received headers is refused as a loop (554 5.4.6)."""
     bare_newline: Literal["normalize", "reject"] = "normalize"
     """A bare LF or bare CR in message data: rewrite it as CRLF, or refuse the message (550 5.6.0)."""
+    auth_window: Annotated[Duration, Within(1, 86400)] = Duration(300)
+    """Failed SMTP AUTH attempts are counted, per client address and per username, over this window."""
+    auth_delay_after: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 5
+    """Failures in the window after which every further attempt waits auth_tarpit before its answer."""
+    auth_lock_after: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 10
+    """Failures in the window after which the client or username is refused (454 4.7.0) for auth_lockout."""
+    auth_tarpit: Annotated[Duration, Within(0, 60)] = Duration(2)
+    """The wait imposed on each attempt past auth_delay_after (the session waits; others run on)."""
+    auth_lockout: Annotated[Duration, Within(1, 7 * 86400)] = Duration(900)
+    """How long a locked client address or username is refused, even with the right password."""
+    auth_tracked: Annotated[int, msgspec.Meta(ge=100, le=10_000_000)] = 100_000
+    """Client addresses and usernames whose failures are remembered (each; least recent dropped first)."""
 
 
 class Http(_Table):
@@ -141,6 +153,9 @@ class Tls(_Table):
     """PEM certificate chain; empty disables STARTTLS."""
     key: str = ""
     """PEM private key of cert."""
+    self_signed: bool = False
+    """Development only: with cert and key empty, mtad makes a self-signed certificate for
+    server.hostname in <spool_dir>/tls/ on first start and uses it. Never in production."""
 
 
 class Inbound(_Table):
@@ -167,6 +182,9 @@ class Delivery(_Table):
     """Recipients still undelivered after this long expire and bounce."""
     helo_name: str = ""
     """Name we give in EHLO/HELO to other servers; empty: server.hostname."""
+    mx_port: Port = 25
+    """TCP port of next hops found through MX (or implicit MX) records. Only tests and
+    unusual private setups change it; static [[route]] next hops name their own port."""
     source_address: str = ""
     """Local IPv4 address outbound connections come from; empty: the kernel chooses."""
     source_address6: str = ""
@@ -231,6 +249,26 @@ class Log(_Table):
     """Where the mail log (one line per event) goes: empty for stdout, or a file path."""
 
 
+DkimSource = Literal["mx", "submission", "submissions", "http", "dsn"]
+
+
+class Dkim(_Table):
+    key_dir: str = ""
+    """Signing keys, <key_dir>/<domain>/<selector>.key; "" is <spool_dir>/dkim. Relative paths
+    are relative to the config file."""
+    sign: list[DkimSource] = msgspec.field(default_factory=lambda: ["submission", "submissions", "http", "dsn"])
+    """Where the mail that gets signed came in: listener roles, "http" (the API), "dsn" (our
+    bounces). Mail taken on mx is inbound, for our own domains: leave "mx" out in production."""
+    headers: list[str] = msgspec.field(default_factory=lambda: [
+        "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "In-Reply-To", "References",
+        "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "List-Unsubscribe",
+        "List-Unsubscribe-Post", "List-Id", "Feedback-ID", "Sender",
+    ])
+    """Header fields signed when present (From must be one)."""
+    oversign: list[str] = msgspec.field(default_factory=lambda: ["From", "To", "Subject"])
+    """Fields signed once more than present, so that none can be added (RFC 6376 8.15)."""
+
+
 class Config(_Table):
     server: Server = msgspec.field(default_factory=Server)
     listener: list[Listener] = msgspec.field(default_factory=list)
@@ -243,3 +281,4 @@ class Config(_Table):
     delivery: Delivery = msgspec.field(default_factory=Delivery)
     spool: Spool = msgspec.field(default_factory=Spool)
     log: Log = msgspec.field(default_factory=Log)
+    dkim: Dkim = msgspec.field(default_factory=Dkim)

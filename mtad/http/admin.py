@@ -9,6 +9,9 @@ Routes (bodies are the Structs in mtad.http.adminapi):
     POST   /admin/v1/queue/{id}/delete      |  (DELETE /admin/v1/queue/{id} is the same as .../delete)
     POST   /admin/v1/queue/{action}-all    /  the same for every queued message
     GET    /admin/v1/stats                 Stats: event counters since start + queued now + uptime
+    POST   /admin/v1/dkim/reload           DkimReloaded: read the DKIM signing keys again (`dkim_reload`)
+    (flush, bounce, summary: see deliveryapi.py, mounted when `delivery` is given)
+    (tenants, API keys, SMTP users: see tenantapi.py, mounted when `tenants` is given)
 
 Every request needs `Authorization: Bearer <admin token>` (compared in constant time). The API
 publishes no events itself; an optional `queue_hooks` object hears about every change so the
@@ -23,14 +26,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
 
 from mtad.events import Counters
-from mtad.http import adminapi
+from mtad.http import adminapi, deliveryapi
+from mtad.http.deliveryapi import DeliveryControl
 from mtad.http.errors import (
     ApiError,
     Handler,
@@ -38,7 +42,9 @@ from mtad.http.errors import (
     json_error,
     json_response,
 )
+from mtad.http.tenantapi import add_routes as add_tenant_routes
 from mtad.http.token import ensure_admin_token
+from mtad.platform.tenants import TenantDirectory
 from mtad.records import QueuedMessage
 
 __all__ = ["AdminSpool", "QueueHooks", "build_admin_app", "ensure_admin_token"]
@@ -75,7 +81,9 @@ _HOOK_NAMES = {"hold": "held", "release": "released", "delete": "deleted"}
 
 
 class _Context:
-    def __init__(self, spool: AdminSpool, counters: Counters, started: float, hooks: Any) -> None:
+    def __init__(self, spool: AdminSpool, counters: Counters, started: float, hooks: Any,
+                 delivery: DeliveryControl | None = None) -> None:
+        self.delivery = delivery
         self.spool = spool
         self.counters = counters
         self.started = started
@@ -93,6 +101,9 @@ class _Context:
                 hook(queue_id)
         return changed
 
+    def active(self, queue_id: str) -> frozenset[int]:
+        return self.delivery.active_indexes(queue_id) if self.delivery is not None else frozenset()
+
 
 _TOKEN_KEY = web.AppKey("admin_token", bytes)
 _CONTEXT_KEY = web.AppKey("admin_context", _Context)
@@ -105,14 +116,21 @@ def build_admin_app(
     token: str,
     started: float,
     queue_hooks: QueueHooks | None = None,
+    delivery: DeliveryControl | None = None,
+    tenants: TenantDirectory | None = None,
+    dkim_reload: Callable[[], Awaitable[adminapi.DkimReloaded]] | None = None,
 ) -> web.Application:
     """The admin API as an aiohttp Application; `started` is the daemon's start (unix time)."""
     if not token:
         raise ValueError("the admin token must not be empty")
     app = web.Application(middlewares=[error_middleware, _auth_middleware])
     app[_TOKEN_KEY] = token.encode()
-    app[_CONTEXT_KEY] = _Context(spool, counters, started, queue_hooks)
+    app[_CONTEXT_KEY] = _Context(spool, counters, started, queue_hooks, delivery)
     q = adminapi.QUEUE
+    if delivery is not None:
+        deliveryapi.add_routes(app, delivery)
+    if tenants is not None:
+        add_tenant_routes(app, tenants)
     app.router.add_get(q, _list_queue)
     for action in adminapi.ACTIONS:
         app.router.add_post(f"{q}/{action}-all", _action_all(action))
@@ -121,6 +139,8 @@ def build_admin_app(
     app.router.add_post(q + "/{id}/{action:hold|release|delete}", _action_one)
     app.router.add_delete(q + "/{id}", _action_one)
     app.router.add_get(adminapi.STATS, _stats)
+    if dkim_reload is not None:
+        app.router.add_post(adminapi.DKIM_RELOAD, _dkim_reload(dkim_reload))
     return app
 
 
@@ -158,7 +178,8 @@ async def _list_queue(request: web.Request) -> web.StreamResponse:
     encoder = msgspec.json.Encoder()
     buffer = bytearray()
     for lines, message in enumerate(ctx.spool.messages(), 1):
-        encoder.encode_into(adminapi.queue_entry(message), buffer, len(buffer))
+        entry = adminapi.queue_entry(message, ctx.active(message.envelope.id))
+        encoder.encode_into(entry, buffer, len(buffer))
         buffer += b"\n"
         if lines % _STREAM_BATCH == 0:
             await response.write(bytes(buffer))
@@ -177,7 +198,7 @@ async def _show(request: web.Request) -> web.Response:
     if message is None or body is None:
         raise _no_such_message(queue_id)
     detail = await asyncio.get_running_loop().run_in_executor(
-        None, adminapi.message_detail, message, body
+        None, adminapi.message_detail, message, body, ctx.active(queue_id)
     )
     return json_response(detail)
 
@@ -227,3 +248,10 @@ async def _stats(request: web.Request) -> web.Response:
         uptime=round(max(0.0, time.time() - ctx.started), 3),
     )
     return json_response(stats)
+
+
+def _dkim_reload(reload: Callable[[], Awaitable[adminapi.DkimReloaded]]) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        return json_response(await reload())
+
+    return handler

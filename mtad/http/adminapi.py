@@ -23,6 +23,9 @@ from mtad.records import QueuedMessage, RecipientStateName
 PREFIX = "/admin/v1"
 QUEUE = f"{PREFIX}/queue"
 STATS = f"{PREFIX}/stats"
+DKIM_RELOAD = f"{PREFIX}/dkim/reload"
+FLUSH = f"{QUEUE}/flush"
+SUMMARY = f"{QUEUE}/summary"
 
 # Queue actions that apply to one message (`POST /queue/{id}/{action}`) or to every message
 # (`POST /queue/{action}-all`); `delete` is also `DELETE /queue/{id}`.
@@ -36,12 +39,39 @@ _QUEUE_ID = re.compile(r"[0-9a-f]{8,64}")
 MAX_HEADER_BYTES = 256 * 1024
 
 
+class AttemptView(msgspec.Struct, kw_only=True):
+    time: float
+    reply: str
+    relay: str = ""
+
+
 class RecipientView(msgspec.Struct, kw_only=True):
     address: str
     state: RecipientStateName
     attempts: int
     next_attempt: float
     last_reply: str
+
+
+class RecipientHistory(msgspec.Struct, kw_only=True):
+    """The latest delivery attempts of one recipient (`queue show`)."""
+
+    address: str
+    attempts: list[AttemptView]
+
+
+class DestinationRow(msgspec.Struct, kw_only=True):
+    """One destination in `mtactl queue summary --json`."""
+
+    destination: str
+    queued: int
+    deferred: int
+    active: int
+    oldest: float
+    """Arrival time (unix s) of its oldest message; 0 when none is queued."""
+    last_error: str
+    suspended_until: float
+    """Unix time the destination rests until; 0 when it is not suspended."""
 
 
 class QueueEntry(msgspec.Struct, kw_only=True):
@@ -76,6 +106,8 @@ class MessageDetail(QueueEntry, kw_only=True):
     envid: str = ""
     headers: list[Header] = []
     headers_truncated: bool = False
+    history: list[RecipientHistory] = []
+    """Per recipient, its latest attempts, oldest first."""
 
 
 class QueueActionResult(msgspec.Struct, kw_only=True):
@@ -83,6 +115,14 @@ class QueueActionResult(msgspec.Struct, kw_only=True):
 
     action: str
     count: int
+
+
+class DkimReloaded(msgspec.Struct, kw_only=True):
+    """`POST /admin/v1/dkim/reload`: the signing keys now loaded, and the key files skipped."""
+
+    domains: int
+    keys: int
+    problems: list[str] = []
 
 
 class Stats(msgspec.Struct, kw_only=True):
@@ -113,7 +153,8 @@ def is_queue_id(text: str) -> bool:
     return _QUEUE_ID.fullmatch(text) is not None
 
 
-def queue_entry(message: QueuedMessage) -> QueueEntry:
+def queue_entry(message: QueuedMessage, active: frozenset[int] = frozenset()) -> QueueEntry:
+    """The listing entry of a message; `active`: indexes of recipients being delivered now."""
     env = message.envelope
     return QueueEntry(
         id=env.id,
@@ -125,18 +166,18 @@ def queue_entry(message: QueuedMessage) -> QueueEntry:
         recipients=[
             RecipientView(
                 address=r.address,
-                state=r.state,
+                state="active" if i in active else r.state,
                 attempts=r.attempts,
                 next_attempt=r.next_attempt,
                 last_reply=r.last_reply,
             )
-            for r in message.recipients
+            for i, r in enumerate(message.recipients)
         ],
     )
 
 
-def message_detail(message: QueuedMessage, body: bytes) -> MessageDetail:
-    entry = queue_entry(message)
+def message_detail(message: QueuedMessage, body: bytes, active: frozenset[int] = frozenset()) -> MessageDetail:
+    entry = queue_entry(message, active)
     env = message.envelope
     headers, truncated = parse_headers(body)
     return MessageDetail(
@@ -151,6 +192,11 @@ def message_detail(message: QueuedMessage, body: bytes) -> MessageDetail:
         envid=env.envid,
         headers=headers,
         headers_truncated=truncated,
+        history=[
+            RecipientHistory(address=r.address,
+                             attempts=[AttemptView(time=a.time, reply=a.reply, relay=a.relay) for a in r.history])
+            for r in message.recipients if r.history
+        ],
     )
 
 

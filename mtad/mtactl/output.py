@@ -14,7 +14,13 @@ from collections.abc import Iterable, Iterator
 
 import msgspec
 
-from mtad.http.adminapi import MessageDetail, QueueEntry, RecipientView, Stats
+from mtad.http.adminapi import (
+    DestinationRow,
+    MessageDetail,
+    QueueEntry,
+    RecipientView,
+    Stats,
+)
 
 _ID_WIDTH = 22
 _HEADER = f"{'-Queue ID-':<{_ID_WIDTH + 1}} --Size-- ----Arrival Time---- -Sender/Recipient-------"
@@ -125,6 +131,11 @@ def _detail_lines(detail: MessageDetail) -> Iterator[str]:
         yield f"  {recipient.address}  {_recipient_state(recipient)}"
         if recipient.last_reply:
             yield f"    last reply: {recipient.last_reply}"
+        for past in detail.history:
+            if past.address == recipient.address:
+                for attempt in past.attempts:
+                    via = f" via {attempt.relay}" if attempt.relay else ""
+                    yield f"    attempt {_when(attempt.time)}{via}: {attempt.reply}"
     yield "headers:"
     for header in detail.headers:
         yield f"  {header.name}: {header.value}"
@@ -152,3 +163,17 @@ def duration(seconds: float) -> str:
             parts.append(f"{value}{unit}")
     parts.append(f"{remaining}s")
     return " ".join(parts)
+
+
+def summary_lines(rows: list[DestinationRow], now: float | None = None) -> Iterator[str]:
+    """`queue summary`: one line per destination, busiest first."""
+    now = time.time() if now is None else now
+    yield f"{'DESTINATION':<32} {'QUEUED':>7} {'DEFERRED':>8} {'CONNS':>5} {'OLDEST':>8}  STATUS"
+    for row in rows:
+        age = duration(max(0.0, now - row.oldest)) if row.oldest else "-"
+        status = f"suspended until {_when(row.suspended_until)}" if row.suspended_until else ""
+        if row.last_error:
+            status = _joined(status, ("last error: " if status else "") + row.last_error)
+        yield printable(f"{row.destination:<32} {row.queued:>7} {row.deferred:>8} {row.active:>5} {age:>8}  {status}")
+    if not rows:
+        yield "(queue is empty)"

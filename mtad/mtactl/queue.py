@@ -1,4 +1,4 @@
-"""`mtactl queue ...`: list, show, cat, hold, release and delete queued messages.
+"""`mtactl queue ...`: list, show, cat, hold, release, delete, flush, bounce, summary.
 
 Each command is one call on the admin API (mtad.http.admin); this module only parses the
 command line and prints. Exit codes: 0 done, 1 failed (printed by main), 2 bad usage (argparse).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
+from urllib.parse import quote
 
 from mtad.http import adminapi
 from mtad.mtactl import output
@@ -46,6 +47,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         which.add_argument("--all", action="store_true", help="every queued message")
         output.add_json_flag(parser)
         parser.set_defaults(func=run_action, action=action)
+
+    flush = commands.add_parser("flush", help="attempt deferred mail now (one message, one domain, or all)")
+    which = flush.add_mutually_exclusive_group()
+    which.add_argument("id", metavar="ID", nargs="?", help="queue id")
+    which.add_argument("--domain", metavar="D", help="only recipients at this domain (wakes a suspended destination)")
+    output.add_json_flag(flush)
+    flush.set_defaults(func=run_flush)
+
+    bounce = commands.add_parser("bounce", help="give up on a message now and return a DSN to its sender")
+    bounce.add_argument("id", metavar="ID", help="queue id")
+    output.add_json_flag(bounce)
+    bounce.set_defaults(func=run_bounce)
+
+    summary = commands.add_parser("summary", help="per destination: queued, deferred, connections, oldest, last error")
+    output.add_json_flag(summary)
+    summary.set_defaults(func=run_summary)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -91,4 +108,33 @@ def run_action(args: argparse.Namespace) -> int:
         result = method(path, adminapi.QueueActionResult, queue_id=args.id)
         text = f"{_DONE[action]} {args.id}"
     print(output.json_line(result) if args.json else text)
+    return 0
+
+
+def run_flush(args: argparse.Namespace) -> int:
+    client = open_client(args.config)
+    if args.id:
+        result = client.post(queue_path(args.id, "/flush"), adminapi.QueueActionResult, queue_id=args.id)
+    elif args.domain:
+        result = client.post(f"{adminapi.FLUSH}?domain={quote(args.domain, safe='')}", adminapi.QueueActionResult)
+    else:
+        result = client.post(adminapi.FLUSH, adminapi.QueueActionResult)
+    text = f"flushed {result.count} recipient{'s' if result.count != 1 else ''}"
+    print(output.json_line(result) if args.json else text)
+    return 0
+
+
+def run_bounce(args: argparse.Namespace) -> int:
+    client = open_client(args.config)
+    result = client.post(queue_path(args.id, "/bounce"), adminapi.QueueActionResult, queue_id=args.id)
+    print(output.json_line(result) if args.json else f"bounced {args.id}")
+    return 0
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    client = open_client(args.config)
+    rows = client.lines(adminapi.SUMMARY, adminapi.DestinationRow)
+    lines = (output.json_line(row) for row in rows) if args.json else output.summary_lines(list(rows))
+    for line in lines:
+        sys.stdout.write(line + "\n")
     return 0

@@ -4,7 +4,13 @@
 production; no threaded Controller), builds an `SmtpSession` per connection, enforces the
 connection limits at connect time (per client IP over all listeners, per listener), swaps
 limits, domains and TLS context on SIGHUP (new sessions get them; open ones keep theirs), and
-shuts down in order: stop accepting, let sessions finish, then 421 the rest.
+shuts down in order: stop accepting, let sessions finish, then 421 the rest. It also holds
+what every session shares: the tenant directory and quota tracker (submission roles) and the
+failed-AUTH throttle (throttle.py), which outlives reloads.
+
+Implicit TLS (465) is set up by the server socket, once; so that SIGHUP's new certificate
+reaches it too, its context swaps in the current one during each handshake (the SNI callback,
+which OpenSSL calls for every ClientHello, with or without a server name).
 
 Trust: client addresses are counted, never trusted for anything else.
 RFCs: 5321 3.8 and 4.3.2 (421 at connect and at shutdown), 3207 (STARTTLS), 8314 (465).
@@ -17,6 +23,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -28,7 +35,12 @@ from mtad.events import EventBus
 from mtad.ingest import Ingest
 from mtad.receive.handler import Settings
 from mtad.receive.session import SmtpSession
+from mtad.receive.throttle import AuthThrottle
 from mtad.reply import Reply
+
+if TYPE_CHECKING:
+    from mtad.platform.quotas import QuotaTracker
+    from mtad.platform.tenants import TenantDirectory
 
 log = structlog.get_logger("mtad.receive")
 
@@ -41,10 +53,15 @@ class Receiver:
 
     def __init__(self, *, listeners: list[Listener], limits: Limits, inbound_domains: Iterable[str],
                  hostname: str, ingest: Ingest, bus: EventBus, tls_context: ssl.SSLContext | None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, tenants: TenantDirectory | None = None,
+                 quotas: QuotaTracker | None = None) -> None:
         self.ingest = ingest
         self.bus = bus
         self.clock = clock
+        self.tenants = tenants
+        """Who may AUTH (submission roles); None: every AUTH gets 454 4.7.0."""
+        self.quotas = quotas if quotas is not None else (tenants.quotas if tenants is not None else None)
+        self.throttle = AuthThrottle(limits)
         self.settings = Settings(hostname=hostname, limits=limits,
                                  local_domains=normalize_domains(inbound_domains), tls_context=tls_context)
         self._listeners = list(listeners)
@@ -67,7 +84,7 @@ class Receiver:
                 server = await loop.create_server(
                     self._factory(listener.role, index, implicit_tls, loop), endpoint.host, endpoint.port,
                     reuse_address=True, backlog=1024,
-                    ssl=self.settings.tls_context if implicit_tls else None,
+                    ssl=self._implicit_context() if implicit_tls else None,
                 )
             except OSError as exc:
                 await self.stop_accepting()
@@ -80,6 +97,18 @@ class Receiver:
         def build() -> SmtpSession:
             return SmtpSession(self, role=role, index=index, implicit_tls=implicit_tls, loop=loop)
         return build
+
+    def _implicit_context(self) -> ssl.SSLContext:
+        """The context 465 listens with: the current one, swapped in per handshake (see above)."""
+        context = self.settings.tls_context
+        assert context is not None
+
+        def current(connection: ssl.SSLObject, _name: str | None, _context: ssl.SSLContext) -> None:
+            latest = self.settings.tls_context
+            if latest is not None and latest is not connection.context:
+                connection.context = latest
+        context.sni_callback = current
+        return context
 
     def bound(self) -> list[tuple[str, str, int]]:
         """(role, host, port) of every bound socket: the real port when the config said 0."""
@@ -98,6 +127,7 @@ class Receiver:
         """
         self.settings = Settings(hostname=self.settings.hostname, limits=limits,
                                  local_domains=normalize_domains(inbound_domains), tls_context=tls_context)
+        self.throttle.configure(limits)
 
     async def stop_accepting(self) -> None:
         """Close the listening sockets; open sessions carry on."""

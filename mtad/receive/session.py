@@ -6,6 +6,11 @@ STARTTLS itself (our 220 2.0.0, a handshake deadline), the command loop (line, e
 and 8-bit checks, no exception text to the peer), DATA (read in chunks by reading.py; a timeout
 between line ends and a total deadline) and the verbs, which ask the Dialog (handler.py) for a reply.
 
+AUTH (submission roles) is ours too, not aiosmtpd's, whose authenticator is called
+synchronously: here the SASL exchange (auth.py) is read line by line under the idle timer, the
+brute-force throttle (throttle.py) is asked before and told after, and the password check awaits
+the tenant directory, which hashes in a thread, so no session waits for another's scrypt.
+
 Every way out ends in one place: a closing session whose peer does not read (its replies stuck
 in our write buffer) is aborted after a short linger, and a STARTTLS handshake that dies or
 never finishes ends the session, so the per-IP count is always given back.
@@ -18,7 +23,7 @@ Trust: everything read from the socket is hostile. Replies are typed Reply value
 tracebacks go to the `mtad.receive` log.
 RFCs: 5321 2.3.8 and 4.1.1.4 (CRLF, the final dot), 4.5.2 (transparency), 4.5.3.1.4-6 (line
 limits), 4.5.3.2 (timeouts), 4.2.4 (500 vs 502), 4.1.1.5 (RSET), 3207 (STARTTLS), 2920
-(PIPELINING), 6531.
+(PIPELINING), 6531, 4954 (AUTH), 4616 (PLAIN).
 """
 
 from __future__ import annotations
@@ -31,20 +36,23 @@ import structlog
 from aiosmtpd.smtp import SMTP
 
 from mtad import reply
+from mtad.receive import auth
 from mtad.receive.handler import Dialog, Settings
 from mtad.receive.reading import read_command, read_data
 from mtad.reply import Reply
 
 if TYPE_CHECKING:
+    from mtad.platform.model import Tenant
     from mtad.receive.listeners import Receiver
 
 log = structlog.get_logger("mtad.receive")
 
-_COMMANDS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP", "STARTTLS")
+_COMMANDS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP", "STARTTLS",
+             "AUTH")
 # Recognised but not implemented here: 502, not 500 (RFC 5321 4.2.4). TURN, SEND, SOML and
 # SAML are RFC 821 (5321 F.1, F.3); ETRN RFC 1985, ATRN RFC 2645, BDAT RFC 3030 (CHUNKING is not
-# advertised), AUTH RFC 4954 (not advertised on these listeners).
-_UNIMPLEMENTED = frozenset({"TURN", "SEND", "SOML", "SAML", "ETRN", "ATRN", "BDAT", "AUTH"})
+# advertised). AUTH (RFC 4954) answers 502 on the mx role the same way (auth.auth_refusal).
+_UNIMPLEMENTED = frozenset({"TURN", "SEND", "SOML", "SAML", "ETRN", "ATRN", "BDAT"})
 # Commands that move no mail: past max_junk_commands between accepted messages, each is an error.
 _JUNK = frozenset({"HELO", "EHLO", "NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 # How long a closing session may wait for its last reply to leave before it is aborted.
@@ -114,7 +122,7 @@ class SmtpSession(SMTP):
         if first:
             self.dialog = Dialog(settings=self.settings, ingest=self.receiver.ingest, bus=self.receiver.bus,
                                  role=self.role, client_ip=self.client_ip, tls=self._implicit_tls,
-                                 clock=self.receiver.clock)
+                                 clock=self.receiver.clock, quotas=self.receiver.quotas)
         else:
             self._tls_up = True
             self.dialog.after_tls()  # type: ignore[union-attr]
@@ -386,7 +394,7 @@ class SmtpSession(SMTP):
         self._set_wait_limit(float(limits.data_timeout), self.loop.time() + float(limits.data_deadline))
         self._in_data = True
         try:
-            result = await read_data(self._reader, max_size=limits.max_message_size,
+            result = await read_data(self._reader, max_size=dialog.max_message_size,
                                      max_line=limits.max_line_length, touch=self._touch)
         finally:
             self._in_data = False
@@ -406,3 +414,101 @@ class SmtpSession(SMTP):
 
     def _touch(self) -> None:
         self._last_activity = self.loop.time()
+
+    # -- AUTH (RFC 4954) -------------------------------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        dialog = self.dialog
+        assert dialog is not None
+        refusal = auth.auth_refusal(role=self.role, tls=dialog.tls, helo=dialog.helo, esmtp=dialog.esmtp,
+                                    authenticated=dialog.tenant is not None, in_transaction=dialog.mail is not None)
+        start = refusal or auth.parse_auth(arg)
+        if isinstance(start, Reply):
+            await self._reply(start)
+            return
+        throttle = self.receiver.throttle
+        if throttle.check(self.client_ip, None, self.receiver.clock()).verdict == "locked":
+            await self._auth_refused(auth.TOO_MANY_FAILURES, "", "auth_locked")
+            return
+        credentials = await self._auth_exchange(start)
+        if credentials is None:
+            return  # the client went away mid-exchange
+        if isinstance(credentials, Reply):
+            if credentials is auth.AUTH_FAILED:  # e.g. PLAIN naming another authzid
+                throttle.failed(self.client_ip, None, self.receiver.clock())
+                await self._auth_refused(credentials, "", "auth_failed")
+            else:
+                await self._reply(credentials)  # cancelled or undecodable: no attempt was made
+            return
+        username = credentials.username
+        decision = throttle.check(self.client_ip, username, self.receiver.clock())
+        if decision.verdict == "locked":
+            await self._auth_refused(auth.TOO_MANY_FAILURES, username, "auth_locked")
+            return
+        if decision.delay:
+            await asyncio.sleep(decision.delay)  # the tarpit: this session waits, the loop does not
+        tenant = await self._verify(credentials)
+        if isinstance(tenant, Reply):
+            await self._reply(tenant)
+            return
+        if tenant is None or tenant.disabled:
+            throttle.failed(self.client_ip, username, self.receiver.clock())
+            await self._auth_refused(auth.AUTH_FAILED, username, "auth_failed")
+            return
+        throttle.succeeded(username)
+        dialog.authenticated(tenant, username)
+        log.info("session.authenticated", client_address=self.client_ip, listener=self.role, tenant=tenant.name)
+        await self._reply(auth.AUTH_OK)
+
+    async def _auth_exchange(self, start: auth.AuthStart) -> auth.Credentials | Reply | None:
+        """The SASL exchange after `AUTH <mechanism> [initial]`: Credentials, the Reply that
+        ends it, or None at EOF."""
+        if start.mechanism == "PLAIN":
+            message: bytes | Reply | None = start.initial
+            if message is None:
+                message = await self._auth_line(auth.PLAIN_CHALLENGE)
+            if message is None or isinstance(message, Reply):
+                return message
+            return auth.decode_plain(message)
+        first: bytes | Reply | None = start.initial
+        if first is None:
+            first = await self._auth_line(auth.LOGIN_USERNAME)
+        if first is None or isinstance(first, Reply):
+            return first
+        username = auth.decode_login_step(first)
+        if isinstance(username, Reply):
+            return username
+        second = await self._auth_line(auth.LOGIN_PASSWORD)
+        if second is None or isinstance(second, Reply):
+            return second
+        password = auth.decode_login_step(second)
+        if isinstance(password, Reply):
+            return password
+        return auth.login_credentials(username, password)
+
+    async def _auth_line(self, challenge: bytes) -> bytes | Reply | None:
+        """Send a 334 challenge, read and decode the answer; None at EOF."""
+        await self._reply(challenge)
+        line = await read_command(self._reader, self.limits.max_command_length)
+        if line is None:
+            return None
+        self._reset_timeout()
+        if not line:
+            return auth.EXCHANGE_TOO_LONG
+        return auth.decode_response(line.rstrip(b"\r\n"))
+
+    async def _verify(self, credentials: auth.Credentials) -> Tenant | Reply | None:
+        directory = self.receiver.tenants
+        if directory is None:
+            return auth.TEMPORARY_FAILURE
+        try:
+            return await directory.authenticate(credentials.username, credentials.password)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as error:  # the directory failing is a 454, never its text
+            log.error("session.auth_error", client_address=self.client_ip, listener=self.role, exc_info=error)
+            return auth.TEMPORARY_FAILURE
+
+    async def _auth_refused(self, refusal: Reply, username: str, reason: str) -> None:
+        self.dialog.auth_refused(refusal, username=username, reason=reason)  # type: ignore[union-attr]
+        await self._reply(refusal)

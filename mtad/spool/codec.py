@@ -93,6 +93,11 @@ def due_key(due: float, mkey: bytes) -> bytes:
     return _DUE.pack(max(0, int(due * 1_000_000))) + mkey
 
 
+def resume_key(due: float, queue_id: str) -> bytes:
+    """The due-index key that split_due_key() turned into (due, queue_id), exactly."""
+    return _DUE.pack(round(due * 1_000_000)) + message_key(queue_id)
+
+
 def split_due_key(key: bytes) -> tuple[float, str]:
     (micros,) = _DUE.unpack_from(key)
     return micros / 1_000_000, queue_id_of(key[_DUE.size :])

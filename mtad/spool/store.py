@@ -176,18 +176,30 @@ class Spool:
         with self._read() as txn:
             return int(txn.stat(self._tables.envelope)["entries"])
 
-    def due(self, until: float, limit: int = 1000) -> list[tuple[float, str]]:
-        """(due time, queue id) of messages due at or before `until`, earliest first.
+    def due(self, until: float, limit: int = 1000,
+            after: tuple[float, str] | None = None) -> list[tuple[float, str]]:
+        """(due time, queue id) of messages due at or before `until`, earliest first; with
+        `after`, only entries that sort after that (due, queue id) pair (to page on).
 
         The due index holds one entry per message that is not held: the earliest next attempt
         of its recipients (arrival time for "as soon as possible")."""
         end = codec.due_key(until, b"\xff")
         found: list[tuple[float, str]] = []
         with self._read() as txn:
-            for key in txn.cursor(db=self._tables.due).iternext(keys=True, values=False):
+            cursor = txn.cursor(db=self._tables.due)
+            if after is None:
+                positioned = cursor.first()
+            else:
+                start = codec.resume_key(after[0], after[1])
+                positioned = cursor.set_range(start)
+                if positioned and cursor.key() == start:
+                    positioned = cursor.next()
+            while positioned:
+                key = cursor.key()
                 if key > end or len(found) >= limit:
                     break
                 found.append(codec.split_due_key(key))
+                positioned = cursor.next()
         return found
 
     def _read(self) -> lmdb.Transaction[bytes]:
