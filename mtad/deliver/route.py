@@ -88,6 +88,11 @@ class Router:
         self._mx_port = mx_port
         self._rng = rng or random.Random()
 
+    def set_own_addresses(self, own_addresses: set[str]) -> None:
+        """Our listeners' bound addresses, known only once they are open (port 0 in tests)."""
+        self._own = [_listener(text) for text in own_addresses]
+        self._is_own.clear()
+
     def destination_key(self, domain: str) -> str:
         """The route's "[host]:port" when a route matches, else the lowercased domain."""
         name = domain.lower().rstrip(".")

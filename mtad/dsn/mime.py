@@ -102,7 +102,7 @@ def split_parts(data: bytes) -> Parts:
 
 
 _RFC822_PART = re.compile(
-    rb"^content-type:[ \t]*(?:message/(?:rfc822|global)|text/rfc822-headers)\b", re.IGNORECASE | re.MULTILINE
+    rb"^content-type:[ \t]*(?:message/(?:rfc822|global)|text/rfc822-headers)(?![\w-])", re.IGNORECASE | re.MULTILINE
 )
 _BOUNDARY_PARAM = re.compile(rb"boundary=(?:\"([^\"\n]{1,200})\"|([^\s;\"]{1,200}))", re.IGNORECASE)
 
