@@ -26,6 +26,7 @@ import structlog
 from mtad import sdnotify
 from mtad.config import ConfigError, load_config
 from mtad.config.schema import Config
+from mtad.deliver.service import Delivery
 from mtad.dkim import DkimSigner, key_dir_of, policy_of
 from mtad.events import Counters, Event, EventBus, EventType
 from mtad.http.admin import build_admin_app, ensure_admin_token
@@ -34,6 +35,7 @@ from mtad.http.public import build_public_app
 from mtad.http.server import HttpServer, HttpServerError
 from mtad.ingest import Ingest
 from mtad.maillog import MailLog, configure_logging
+from mtad.platform.feedback import BounceHandling
 from mtad.platform.tenants import StateDbError, TenantDirectory
 from mtad.receive.listeners import Receiver
 from mtad.receive.tls import ensure_self_signed, server_context
@@ -42,14 +44,15 @@ from mtad.spool import Spool, SpoolError
 log = structlog.get_logger("mtad.daemon")
 
 # Keys SIGHUP cannot change in a running process; a change is logged, then needs a restart.
-_RESTART_KEYS = ("server.spool_dir", "server.hostname", "listener", "http", "spool", "dns", "log.mail_log")
+_RESTART_KEYS = ("server.spool_dir", "server.hostname", "listener", "http", "spool", "dns", "log.mail_log",
+                 "bounces", "suppression")
 
 
 class OperatorEvents:
     """The admin API's queue hooks: every operator action becomes an event on the mail log,
     and the delivery scheduler hears of it."""
 
-    def __init__(self, bus: EventBus, delivery: Any = None) -> None:
+    def __init__(self, bus: EventBus, delivery: Delivery | None = None) -> None:
         self._bus = bus
         self._delivery = delivery
 
@@ -98,7 +101,9 @@ class Daemon:
         self.receiver: Receiver | None = None
         self.tenants: TenantDirectory | None = None
         """Tenants, SMTP users, API keys (state.db), opened after the spool."""
-        self.delivery: Any = None  # the delivery engine (being wired)
+        self.bounces: BounceHandling | None = None
+        """VERP, the sent log, the suppression list and bounce/complaint feedback (state.db)."""
+        self.delivery: Delivery | None = None
         self.own_addresses: set[str] = set()
         """Addresses our listeners bound ("ip:port"), filled once they are open: the router's loop check."""
         self.http: list[HttpServer] = []
@@ -136,15 +141,19 @@ class Daemon:
                      seconds=round(report.seconds, 3))
             self.tenants = await TenantDirectory.open(os.path.join(cfg.server.spool_dir, "state.db"))
             log.info("tenants.loaded", tenants=len(self.tenants.tenants()))
+            self.bounces = await BounceHandling.open(cfg, self.bus)
+            self.bounces.start()
             token = ensure_admin_token(cfg.server.spool_dir)
             tls_context = build_tls_context(cfg)
             await self.reload_dkim()
-            ingest = Ingest(self.spool, self.bus, cfg.server.hostname, signer=self.dkim)
+            ingest = Ingest(self.spool, self.bus, cfg.server.hostname, signer=self.dkim,
+                            feedback=self.bounces.feedback, suppressions=self.bounces.suppressions)
             self.receiver = Receiver(
                 listeners=cfg.listener, limits=cfg.limits, inbound_domains=cfg.inbound.domains,
                 hostname=cfg.server.hostname, ingest=ingest, bus=self.bus, tls_context=tls_context,
-                tenants=self.tenants, quotas=self.tenants.quotas,
+                tenants=self.tenants, quotas=self.tenants.quotas, bounces=self.bounces.verp,
             )
+            self.delivery = Delivery(cfg, self.spool, self.bus, ingest)
             public = HttpServer()
             await public.start(build_public_app(health=self.health), cfg.http.address)
             self.http.append(public)
@@ -152,7 +161,9 @@ class Daemon:
             await admin.start(
                 build_admin_app(spool=self.spool, counters=self.counters, token=token, started=self.started,
                                 queue_hooks=OperatorEvents(self.bus, self.delivery),
-                                tenants=self.tenants, dkim_reload=self.reload_dkim),
+                                delivery=self.delivery.control,
+                                tenants=self.tenants, dkim_reload=self.reload_dkim,
+                                suppressions=self.bounces.suppressions),
                 cfg.http.admin_address,
             )
             self.http.append(admin)
@@ -163,7 +174,8 @@ class Daemon:
             return 1
         for role, host, port in self.receiver.bound():
             log.info("listener.open", role=role, address=f"{host}:{port}")
-            self.own_addresses.add(f"{host}:{port}")
+            self.own_addresses.add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        self.delivery.start(self.own_addresses)
         log.info("http.open", public=public.bound(), admin=admin.bound())
         self._install_signals()
         sdnotify.notify("READY=1\nSTATUS=accepting mail")
@@ -199,6 +211,10 @@ class Daemon:
             return
         old = self.cfg
         changed_restart = [key for key in _RESTART_KEYS if _lookup(old, key) != _lookup(new, key)]
+        if msgspec.structs.replace(old.delivery, paused=new.delivery.paused) != new.delivery:
+            changed_restart.append("delivery")  # all but delivery.paused
+        if self.delivery is not None:
+            self.delivery.reload(new)
         if self.receiver is not None:
             self.receiver.reload(limits=new.limits, inbound_domains=new.inbound.domains, tls_context=tls_context)
         configure_logging(fmt=self.log_format or new.log.format, level=new.log.level)
@@ -207,7 +223,7 @@ class Daemon:
         self.cfg = _keep_running(new, old)
         if changed_restart:
             log.warning("config.reload_needs_restart", keys=changed_restart)
-        log.info("config.reloaded", applied=["limits", "inbound.domains", "tls", "log"])
+        log.info("config.reloaded", applied=["limits", "inbound.domains", "tls", "log", "delivery.paused"])
         task = asyncio.get_running_loop().create_task(self.reload_dkim())  # the running config's key_dir
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
@@ -225,6 +241,8 @@ class Daemon:
             await self.receiver.drain(grace)
         if self.delivery is not None:
             await self.delivery.stop(grace)
+        if self.bounces is not None:
+            await self.bounces.stop()  # after delivery: its last bounced events are applied
         for server in reversed(self.http):
             await server.stop()
         if self.tenants is not None:
@@ -247,8 +265,10 @@ def _keep_running(new: Config, running: Config) -> Config:
     server = msgspec.structs.replace(new.server, spool_dir=running.server.spool_dir,
                                      hostname=running.server.hostname)
     log_settings = msgspec.structs.replace(new.log, mail_log=running.log.mail_log)
+    delivery = msgspec.structs.replace(running.delivery, paused=new.delivery.paused)
     return msgspec.structs.replace(new, server=server, listener=running.listener, http=running.http,
-                                   spool=running.spool, dns=running.dns, log=log_settings)
+                                   spool=running.spool, dns=running.dns, log=log_settings, delivery=delivery,
+                                   bounces=running.bounces, suppression=running.suppression)
 
 
 def _lookup(cfg: Config, dotted: str) -> Any:

@@ -62,6 +62,10 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The tenant the message was submitted as (authenticated submission, HTTP API)."""
     user: str = ""
     """The SMTP AUTH username a rejected authentication claimed (never the password)."""
+    feedback_type: str = ""
+    """ARF Feedback-Type of a complained event (abuse, fraud, ...)."""
+    source_ip: str = ""
+    """ARF Source-IP of a complained event: where the reported message was seen coming from."""
 
 
 Subscriber = Callable[[Event], None]

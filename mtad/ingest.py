@@ -12,6 +12,11 @@ handed over as a bytearray (the SMTP receiver's) is taken over and our lines are
 it in place, so a message of tens of MB is held once, not copied; a bytes body is copied once.
 A header section above 256 KiB (hostile, or a mail loop's) is searched in a worker thread.
 
+Before anything is stored: with a `feedback` sink, recipients on mx that are our VERP
+addresses are taken out and the message handed to it (bounces and complaints are consumed, not
+queued); with `suppressions`, suppressed recipients are dropped (a `dropped` event each). A
+message left with no recipient is acknowledged and not stored.
+
 With a `signer` (mtad.dkim.DkimSigner), mail from the listeners it applies to is DKIM-signed
 off the loop, after Message-ID/Date are added and before our Received is prepended, so the
 signature covers those fields and not our trace header: Received, DKIM-Signature, the rest.
@@ -90,6 +95,20 @@ class SpoolWriter(Protocol):
     async def store(self, envelope: Envelope, recipients: list[Recipient], body: bytes | memoryview) -> None: ...
 
 
+class FeedbackSink(Protocol):
+    """Takes reports sent to our VERP addresses (mtad.platform.feedback.Feedback): claims()
+    says whether a recipient is one (its queue id); consume() commits what the report means."""
+
+    def claims(self, address: str) -> str | None: ...
+    async def consume(self, body: bytes | bytearray, queue_ids: list[str], *, client_address: str = "") -> int: ...
+
+
+class SuppressionCheck(Protocol):
+    """The suppression list's hot-path question (mtad.platform.suppress.SuppressionList)."""
+
+    def suppressed(self, tenant: str, address: str) -> str | None: ...
+
+
 class MessageSigner(Protocol):
     """Adds DKIM signatures (mtad.dkim.DkimSigner); sign() does its work off the loop."""
 
@@ -163,8 +182,11 @@ class Ingest:
     """Commits messages to the spool and tells the event bus; see the module docstring."""
 
     def __init__(self, spool: SpoolWriter, bus: EventBus, hostname: str,
-                 clock: Callable[[], float] = time.time, signer: MessageSigner | None = None) -> None:
+                 clock: Callable[[], float] = time.time, signer: MessageSigner | None = None,
+                 feedback: FeedbackSink | None = None, suppressions: SuppressionCheck | None = None) -> None:
         self._signer = signer
+        self._feedback = feedback
+        self._suppressions = suppressions
         self._spool = spool
         self._bus = bus
         self._hostname = hostname
@@ -174,6 +196,13 @@ class Ingest:
         """Store one message; return its queue id. Raises IngestError (nothing stored)."""
         now = self._clock()
         queue_id = submission.queue_id or new_queue_id(now)
+        recipients = submission.recipients
+        if self._feedback is not None and submission.listener == "mx":
+            recipients = await self._take_feedback(submission, recipients)
+        if self._suppressions is not None:
+            recipients = self._drop_suppressed(submission, queue_id, now, recipients)
+        if not recipients:
+            return queue_id  # acknowledged, nothing to queue: a report consumed, or all suppressed
         body = submission.body
         end = submission.header_end if submission.header_end >= 0 else header_section_end(body)
         section = bytes(memoryview(body)[:end])
@@ -201,14 +230,14 @@ class Ingest:
             body_type=submission.body_type, ret=submission.ret, envid=submission.envid,
             tenant=submission.tenant,
         )
-        addresses = [r.address for r in submission.recipients]
+        addresses = [r.address for r in recipients]
         try:
             if isinstance(data, bytearray):
                 # The view pins the buffer (it cannot be resized) until the commit holds it.
                 with memoryview(data) as view:
-                    await self._spool.store(envelope, submission.recipients, view)
+                    await self._spool.store(envelope, recipients, view)
             else:
-                await self._spool.store(envelope, submission.recipients, data)
+                await self._spool.store(envelope, recipients, data)
         except (SpoolFull, SpoolFailed) as exc:
             refusal = reply.SPOOL_FULL if isinstance(exc, SpoolFull) else reply.SPOOL_FAILED
             log.warning("ingest.spool_refused", queue_id=queue_id, error=str(exc))
@@ -225,6 +254,38 @@ class Ingest:
             reply=str(reply.queued(queue_id)), tenant=submission.tenant,
         ))
         return queue_id
+
+    async def _take_feedback(self, submission: Submission, recipients: list[Recipient]) -> list[Recipient]:
+        """Hand a report sent to VERP addresses to the feedback sink; the other recipients remain.
+        Its changes are committed before we return (the 250 follows); failing, nothing is stored."""
+        assert self._feedback is not None
+        claimed = {r.address: qid for r in recipients if (qid := self._feedback.claims(r.address))}
+        if not claimed:
+            return recipients
+        try:
+            await self._feedback.consume(submission.body, list(claimed.values()),
+                                         client_address=submission.client_address)
+        except Exception as exc:
+            log.exception("ingest.feedback_failed", recipients=list(claimed))
+            raise IngestError(reply.SPOOL_FAILED) from exc
+        return [r for r in recipients if r.address not in claimed]
+
+    def _drop_suppressed(self, submission: Submission, queue_id: str, now: float,
+                         recipients: list[Recipient]) -> list[Recipient]:
+        """The recipients not on the suppression list; a `dropped` event for each one that is."""
+        assert self._suppressions is not None
+        kept = []
+        for recipient in recipients:
+            reason = self._suppressions.suppressed(submission.tenant, recipient.address)
+            if reason is None:
+                kept.append(recipient)
+                continue
+            self._publish(Event(
+                type="dropped", time=now, queue_id=queue_id, client_address=submission.client_address,
+                sender=submission.sender, recipients=[recipient.address], listener=submission.listener,
+                tenant=submission.tenant, reason=f"suppressed: {reason}",
+            ))
+        return kept
 
     async def _signatures(self, headers: bytes, body: bytes | bytearray, end: int, queue_id: str) -> list[bytes]:
         assert self._signer is not None

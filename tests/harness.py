@@ -41,6 +41,13 @@ format = "json"
 mail_log = "{directory / 'mail.log'}"
 {extra}
 """
+    # Tests that do not configure delivery keep their mail queued, and no test ever asks a
+    # resolver off loopback (port 9 on 127.0.0.1: nothing answers, lookups fail fast).
+    if "[delivery]" not in extra:
+        text += '\n[delivery]\npaused = true\n'
+    if "[dns]" not in extra:
+        text += '\n[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = "200ms"\n'
+
     path = directory / "mtad.toml"
     path.write_text(text)
     return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from harness import MtadProcess, wait_for, write_config
 from test_auth import PASSWORD, USER, Clock, plain_login, secure, submission, tenant_dir  # noqa: F401
@@ -201,6 +203,29 @@ def test_smtplib_on_587_and_465(daemon: MtadProcess) -> None:
         ("submission", "acme", "alice@acme.test", "ESMTPSA"),
         ("submissions", "acme", "alice@acme.test", "ESMTPSA"),
     ]
+
+
+@pytest.mark.slow
+def test_queue_show_names_the_tenant(daemon: MtadProcess) -> None:
+    with smtplib.SMTP_SSL(*daemon.smtp["submissions"], timeout=10, context=unverified()) as client:
+        client.login(USER, PASSWORD)
+        assert client.sendmail("alice@acme.test", ["x@elsewhere.test"], MESSAGE) == {}
+    [entry] = wait_for(lambda: daemon.queue_json() or None)
+    shown = daemon.mtactl("queue", "show", entry["id"]).stdout.decode().splitlines()
+    assert "tenant:     acme" in shown, shown
+    assert shown.index("tenant:     acme") < shown.index("recipients: 1")  # with the envelope, not a header
+    as_json = json.loads(daemon.mtactl("queue", "show", "--json", entry["id"]).stdout)
+    assert (as_json["tenant"], as_json["listener"]) == ("acme", "submissions")
+
+
+def test_queue_show_has_no_tenant_line_for_mx_mail() -> None:
+    from mtad.http.adminapi import MessageDetail
+    from mtad.mtactl.output import message_details
+
+    detail = MessageDetail(id="0" * 22, message_id="<m@x>", sender="a@b.test", size=1, arrival_time=0.0,
+                           recipients=[], listener="mx")
+    assert not [line for line in message_details(detail) if line.startswith("tenant")]
+    assert "tenant:     acme" in message_details(msgspec.structs.replace(detail, tenant="acme"))
 
 
 def swaks(*args: str) -> subprocess.CompletedProcess[str]:

@@ -141,7 +141,7 @@ async def test_state_db_is_private_versioned_and_holds_no_secret(directory: Tena
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
     assert PASSWORD.encode() not in raw and key.encode() not in raw and key[-43:].encode() not in raw
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)  # 2: suppressions
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         (stored,) = db.execute("SELECT password_hash FROM smtp_users").fetchone()
     assert stored.startswith("scrypt$") and secrets.verify_secret(PASSWORD, stored)

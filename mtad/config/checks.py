@@ -127,7 +127,7 @@ def _review_delivery(cfg: Config, check: Callable[[str, Callable[[str], object],
     if delivery.initial_concurrency > delivery.destination_concurrency:
         problems.append(f"delivery.initial_concurrency: {delivery.initial_concurrency} is above "
                         f"delivery.destination_concurrency ({delivery.destination_concurrency})")
-    return msgspec.structs.replace(delivery, helo_name=helo or cfg.server.hostname)
+    return msgspec.structs.replace(delivery, helo_name=helo)
 
 
 def _check_sockets(cfg: Config, check: Callable[[str, Callable[[str], object], str], object]) -> list[str]:

@@ -180,6 +180,9 @@ class Dns(_Table):
 class Delivery(_Table):
     max_queue_lifetime: Annotated[Duration, Within(60, 90 * 86400)] = Duration(5 * 86400)
     """Recipients still undelivered after this long expire and bounce."""
+    paused: bool = False
+    """Receive and queue, but start no delivery (maintenance, a receive-only node). SIGHUP applies
+    a change; attempts already running finish."""
     helo_name: str = ""
     """Name we give in EHLO/HELO to other servers; empty: server.hostname."""
     mx_port: Port = 25
@@ -269,6 +272,30 @@ class Dkim(_Table):
     """Fields signed once more than present, so that none can be added (RFC 6376 8.15)."""
 
 
+class Bounces(_Table):
+    domain: str = ""
+    """Bounce domain of the VERP return path (bounces+<token>@domain) given to tenants' mail;
+    the mx listener takes mail for it, for valid tokens only. Empty: VERP off."""
+    secret: Annotated[str, msgspec.Meta(pattern=r"^(|.{16,})$")] = ""
+    """HMAC key signing the tokens (16 characters or more); empty: 32 random bytes made once
+    and kept (0600) in <spool_dir>/verp.key."""
+    keep_sent: Annotated[Duration, Within(86400, 365 * 86400)] = Duration(30 * 86400)
+    """How long a sent message's tenant, Message-ID and recipients are kept for bounce attribution."""
+
+
+class Suppression(_Table):
+    hard_bounce: bool = True
+    """Suppress a recipient after one hard bounce (user unknown, no such domain, moved)."""
+    soft_bounces: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 3
+    """Suppress a recipient after this many soft bounces within soft_window; 0 disables."""
+    soft_window: Annotated[Duration, Within(60, 365 * 86400)] = Duration(7 * 86400)
+    """The window soft bounces are counted over."""
+    complaint: bool = True
+    """Suppress a recipient who complained (ARF feedback report)."""
+    default_expiry: Annotated[Duration, Within(0, 10 * 365 * 86400)] = Duration(0)
+    """How long a suppression lasts when none is given; 0: forever."""
+
+
 class Config(_Table):
     server: Server = msgspec.field(default_factory=Server)
     listener: list[Listener] = msgspec.field(default_factory=list)
@@ -282,3 +309,5 @@ class Config(_Table):
     spool: Spool = msgspec.field(default_factory=Spool)
     log: Log = msgspec.field(default_factory=Log)
     dkim: Dkim = msgspec.field(default_factory=Dkim)
+    bounces: Bounces = msgspec.field(default_factory=Bounces)
+    suppression: Suppression = msgspec.field(default_factory=Suppression)

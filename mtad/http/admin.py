@@ -12,6 +12,7 @@ Routes (bodies are the Structs in mtad.http.adminapi):
     POST   /admin/v1/dkim/reload           DkimReloaded: read the DKIM signing keys again (`dkim_reload`)
     (flush, bounce, summary: see deliveryapi.py, mounted when `delivery` is given)
     (tenants, API keys, SMTP users: see tenantapi.py, mounted when `tenants` is given)
+    (the suppression list: see suppressapi.py, mounted when `suppressions` is given)
 
 Every request needs `Authorization: Bearer <admin token>` (compared in constant time). The API
 publishes no events itself; an optional `queue_hooks` object hears about every change so the
@@ -42,8 +43,10 @@ from mtad.http.errors import (
     json_error,
     json_response,
 )
+from mtad.http.suppressapi import add_routes as add_suppression_routes
 from mtad.http.tenantapi import add_routes as add_tenant_routes
 from mtad.http.token import ensure_admin_token
+from mtad.platform.suppress import SuppressionList
 from mtad.platform.tenants import TenantDirectory
 from mtad.records import QueuedMessage
 
@@ -119,6 +122,7 @@ def build_admin_app(
     delivery: DeliveryControl | None = None,
     tenants: TenantDirectory | None = None,
     dkim_reload: Callable[[], Awaitable[adminapi.DkimReloaded]] | None = None,
+    suppressions: SuppressionList | None = None,
 ) -> web.Application:
     """The admin API as an aiohttp Application; `started` is the daemon's start (unix time)."""
     if not token:
@@ -131,6 +135,8 @@ def build_admin_app(
         deliveryapi.add_routes(app, delivery)
     if tenants is not None:
         add_tenant_routes(app, tenants)
+    if suppressions is not None:
+        add_suppression_routes(app, suppressions)
     app.router.add_get(q, _list_queue)
     for action in adminapi.ACTIONS:
         app.router.add_post(f"{q}/{action}-all", _action_all(action))

@@ -99,6 +99,8 @@ class MessageDetail(QueueEntry, kw_only=True):
     client_address: str = ""
     client_helo: str = ""
     listener: str = ""
+    tenant: str = ""
+    """The tenant that submitted the message (SMTP AUTH, HTTP API); "" for mail taken on mx."""
     protocol: str = ""
     smtputf8: bool = False
     body_type: str = ""
@@ -185,6 +187,7 @@ def message_detail(message: QueuedMessage, body: bytes, active: frozenset[int] =
         client_address=env.client_address,
         client_helo=env.client_helo,
         listener=env.listener,
+        tenant=env.tenant,
         protocol=env.protocol,
         smtputf8=env.smtputf8,
         body_type=env.body_type,

@@ -19,8 +19,9 @@ from types import ModuleType
 from mtad.mtactl import queue, stats, tenant
 from mtad.mtactl.client import DEFAULT_CONFIG, ClientError
 
-# Command groups that may be absent from a build: `mtactl dsn` (offline DSN parsing), `mtactl dkim`.
-_OPTIONAL_GROUPS = ("mtad.mtactl.dsn", "mtad.mtactl.dkim")
+# Command groups that may be absent from a build: `mtactl dsn` (offline DSN parsing), `mtactl dkim`,
+# `mtactl suppression`.
+_OPTIONAL_GROUPS = ("mtad.mtactl.dsn", "mtad.mtactl.dkim", "mtad.mtactl.suppression")
 
 
 def command_groups() -> list[ModuleType]:

@@ -121,6 +121,7 @@ def _detail_lines(detail: MessageDetail) -> Iterator[str]:
                 "smtputf8" if detail.smtputf8 else "",
             ),
         ),
+        ("tenant", detail.tenant),
         ("dsn", _joined(detail.ret and f"ret={detail.ret}", detail.envid and f"envid={detail.envid}")),
     ]
     for name, value in fields:

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiosqlite
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Migration N brings the schema from version N-1 to N. Statements are separated by ';'.
 _MIGRATIONS: dict[int, str] = {
@@ -55,6 +55,35 @@ CREATE TABLE api_keys (
     revoked REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX api_keys_tenant ON api_keys(tenant)
+""",
+    # Suppression list, soft-bounce counts and the sent log for bounce attribution (platform.suppress,
+    # platform.sentlog). tenant '' is the global list.
+    2: """
+CREATE TABLE suppressions (
+    tenant TEXT NOT NULL,
+    address TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    source TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    expires REAL,
+    PRIMARY KEY (tenant, address)
+);
+CREATE TABLE soft_bounces (
+    tenant TEXT NOT NULL,
+    address TEXT NOT NULL,
+    time REAL NOT NULL,
+    source TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX soft_bounces_address ON soft_bounces(tenant, address, time);
+CREATE TABLE sent (
+    queue_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    time REAL NOT NULL
+);
+CREATE INDEX sent_time ON sent(time)
 """,
 }
 

@@ -42,6 +42,10 @@ from mtad.reply import Reply
 if TYPE_CHECKING:
     from mtad.platform.model import Tenant
     from mtad.platform.quotas import QuotaTracker
+    from mtad.platform.verp import Verp
+
+
+NO_SUCH_BOUNCE_ADDRESS = Reply(550, "5.1.1", "No such recipient")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,8 @@ class Settings:
     local_domains: frozenset[str]
     tls_context: ssl.SSLContext | None
     """ssl.SSLContext, or None when STARTTLS is not offered."""
+    bounces: Verp | None = None
+    """The VERP bounce domain and key: mx takes mail at that domain for valid tokens only."""
 
 
 class Dialog:
@@ -183,10 +189,15 @@ class Dialog:
         if isinstance(parsed, Reply):
             return parsed
         address = str(parsed.mailbox)
-        verdict = policy.recipient_reply(parsed.mailbox, role=self.role,
-                                         local_domains=self.settings.local_domains,
-                                         hostname=self.settings.hostname,
-                                         authenticated=self.tenant is not None)
+        bounces = self.settings.bounces
+        if bounces is not None and self.role == "mx" and bounces.is_bounce_domain(parsed.mailbox.domain):
+            # Only a signed token is a recipient there, so a forged bounce suppresses nobody.
+            verdict = reply.RECIPIENT_OK if bounces.parse(parsed.mailbox.local) else NO_SUCH_BOUNCE_ADDRESS
+        else:
+            verdict = policy.recipient_reply(parsed.mailbox, role=self.role,
+                                             local_domains=self.settings.local_domains,
+                                             hostname=self.settings.hostname,
+                                             authenticated=self.tenant is not None)
         if verdict is not reply.RECIPIENT_OK:
             self._rejected(verdict, sender_text(self.mail), [address])
             return verdict

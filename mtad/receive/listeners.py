@@ -41,6 +41,7 @@ from mtad.reply import Reply
 if TYPE_CHECKING:
     from mtad.platform.quotas import QuotaTracker
     from mtad.platform.tenants import TenantDirectory
+    from mtad.platform.verp import Verp
 
 log = structlog.get_logger("mtad.receive")
 
@@ -54,7 +55,7 @@ class Receiver:
     def __init__(self, *, listeners: list[Listener], limits: Limits, inbound_domains: Iterable[str],
                  hostname: str, ingest: Ingest, bus: EventBus, tls_context: ssl.SSLContext | None,
                  clock: Callable[[], float] = time.time, tenants: TenantDirectory | None = None,
-                 quotas: QuotaTracker | None = None) -> None:
+                 quotas: QuotaTracker | None = None, bounces: Verp | None = None) -> None:
         self.ingest = ingest
         self.bus = bus
         self.clock = clock
@@ -63,7 +64,8 @@ class Receiver:
         self.quotas = quotas if quotas is not None else (tenants.quotas if tenants is not None else None)
         self.throttle = AuthThrottle(limits)
         self.settings = Settings(hostname=hostname, limits=limits,
-                                 local_domains=normalize_domains(inbound_domains), tls_context=tls_context)
+                                 local_domains=normalize_domains(inbound_domains), tls_context=tls_context,
+                                 bounces=bounces)
         self._listeners = list(listeners)
         self._servers: list[tuple[str, asyncio.Server]] = []
         self._sessions: set[SmtpSession] = set()
@@ -126,7 +128,8 @@ class Receiver:
         Raises AddressError (a ValueError) for a bad domain, leaving the old settings in place.
         """
         self.settings = Settings(hostname=self.settings.hostname, limits=limits,
-                                 local_domains=normalize_domains(inbound_domains), tls_context=tls_context)
+                                 local_domains=normalize_domains(inbound_domains), tls_context=tls_context,
+                                 bounces=self.settings.bounces)
         self.throttle.configure(limits)
 
     async def stop_accepting(self) -> None:

@@ -1,23 +1,17 @@
-"""One SMTP server session on the wire: aiosmtpd's protocol with our own loop, limits and timers.
+"""One SMTP server session: the command loop and the verbs, on the transport of connection.py.
 
-We subclass aiosmtpd.smtp.SMTP for its transport plumbing (connection_made, which finishes
-the TLS switch-over and discards plaintext pipelined behind STARTTLS) and replace the rest:
-STARTTLS itself (our 220 2.0.0, a handshake deadline), the command loop (line, error and junk limits, NUL
-and 8-bit checks, no exception text to the peer), DATA (read in chunks by reading.py; a timeout
-between line ends and a total deadline) and the verbs, which ask the Dialog (handler.py) for a reply.
+`SmtpSession` extends `Connection` (connection.py: aiosmtpd's plumbing, timers, closing,
+writing) with what the peer's commands drive: the command loop (line, error and junk limits,
+NUL and 8-bit checks, no exception text to the peer), STARTTLS (our 220 2.0.0, a handshake
+deadline; aiosmtpd's connection_made finishes the switch-over and discards plaintext pipelined
+behind STARTTLS), DATA (read in chunks by reading.py; a timeout between line ends and a total
+deadline) and the verbs, which ask the Dialog (handler.py) for a reply. A STARTTLS handshake
+that dies or never finishes ends the session, so the per-IP count is always given back.
 
 AUTH (submission roles) is ours too, not aiosmtpd's, whose authenticator is called
-synchronously: here the SASL exchange (auth.py) is read line by line under the idle timer, the
-brute-force throttle (throttle.py) is asked before and told after, and the password check awaits
-the tenant directory, which hashes in a thread, so no session waits for another's scrypt.
-
-Every way out ends in one place: a closing session whose peer does not read (its replies stuck
-in our write buffer) is aborted after a short linger, and a STARTTLS handshake that dies or
-never finishes ends the session, so the per-IP count is always given back.
-
-SMTP.__init__ is deliberately not called: it introspects the handler and the class with
-`inspect.getmembers` on every connection (~100 us, a quarter of a message's cost); we set the
-attributes the inherited methods use instead. Verified against aiosmtpd 1.4.6.
+synchronously: `smtp_AUTH` hands the session's reader and writer to authcmd.py, which runs the
+SASL exchange (auth.py) under the idle timer, asks the brute-force throttle (throttle.py) and
+awaits the tenant directory, which hashes in a thread.
 
 Trust: everything read from the socket is hostile. Replies are typed Reply values only;
 tracebacks go to the `mtad.receive` log.
@@ -30,20 +24,14 @@ from __future__ import annotations
 
 import asyncio
 from asyncio import sslproto
-from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiosmtpd.smtp import SMTP
 
 from mtad import reply
-from mtad.receive import auth
-from mtad.receive.handler import Dialog, Settings
+from mtad.receive.authcmd import AuthCommand
+from mtad.receive.connection import Connection
+from mtad.receive.handler import Dialog
 from mtad.receive.reading import read_command, read_data
-from mtad.reply import Reply
-
-if TYPE_CHECKING:
-    from mtad.platform.model import Tenant
-    from mtad.receive.listeners import Receiver
 
 log = structlog.get_logger("mtad.receive")
 
@@ -55,59 +43,10 @@ _COMMANDS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VR
 _UNIMPLEMENTED = frozenset({"TURN", "SEND", "SOML", "SAML", "ETRN", "ATRN", "BDAT"})
 # Commands that move no mail: past max_junk_commands between accepted messages, each is an error.
 _JUNK = frozenset({"HELO", "EHLO", "NOOP", "RSET", "VRFY", "EXPN", "HELP"})
-# How long a closing session may wait for its last reply to leave before it is aborted.
-_LINGER = 5.0
 
 
-class SmtpSession(SMTP):
+class SmtpSession(Connection):
     """One connection. Built by the Receiver's protocol factory, one per accepted socket."""
-
-    def __init__(self, receiver: Receiver, *, role: str, index: int, implicit_tls: bool,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        settings: Settings = receiver.settings
-        limits = settings.limits
-        self.loop = loop
-        # One reader limit for commands and data lines; each is then checked against its own.
-        self.line_length_limit = max(limits.max_command_length, limits.max_line_length)
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=loop)
-        # The attributes aiosmtpd's connection_made, smtp_STARTTLS and push rely on.
-        self.__ident__ = "ESMTP mtad"
-        self.hostname = settings.hostname
-        self.tls_context = None if implicit_tls else settings.tls_context
-        self.enable_SMTPUTF8 = True
-        self.event_handler = None
-        self._handle_hooks: dict[str, Any] = {}
-        self._timeout_handle: asyncio.TimerHandle | None = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        # Ours.
-        self.receiver = receiver
-        self.role = role
-        self.index = index
-        self.limits = limits
-        self.settings = settings
-        self.dialog: Dialog | None = None
-        self.client_ip = ""
-        self._implicit_tls = implicit_tls
-        self._refusal: Reply | None = None
-        self._errors = 0
-        self._busy = False
-        self._in_data = False
-        self._closing = False
-        self._released = False
-        self._wait_limit = float(limits.idle_timeout)
-        self._last_activity = 0.0
-        self._deadline = float("inf")
-        self._timeout_reply = reply.IDLE_TIMEOUT
-        self._tls_up = False
-        self._linger_handle: asyncio.TimerHandle | None = None
 
     # -- connection lifecycle ---------------------------------------------------------------
 
@@ -141,108 +80,10 @@ class SmtpSession(SMTP):
             self._handler_coroutine.cancel()
         self._release()
 
-    def data_received(self, data: bytes) -> None:
-        # DATA is read in chunks, not lines (reading.py): here, a line end arriving is the
-        # activity that restarts the data timeout (RFC 5321 4.5.3.2.5), so a line trickled
-        # byte by byte is still idle, as between commands.
-        if self._in_data and b"\n" in data:
-            self._last_activity = self.loop.time()
-        asyncio.StreamReaderProtocol.data_received(self, data)
-
-    def eof_received(self) -> bool | None:
-        # aiosmtpd cancels the session here, even when a message is half way into the spool;
-        # we let the reader see EOF instead, and the loop ends on its own.
-        asyncio.StreamReaderProtocol.eof_received(self)
-        # Half-open (True) only works on plain TCP; a TLS transport closes on EOF anyway.
-        return self._tls_protocol is None and not self._implicit_tls
-
     def _release(self) -> None:
         if not self._released:
             self._released = True
             self.receiver.release(self)
-
-    def shutdown(self, final: Reply) -> None:
-        """Close now with `final` (drain after the grace period); a message in ingest finishes first."""
-        self._closing = True
-        self._timeout_reply = final
-        if not self._busy:
-            self._abort(final)
-
-    def _abort(self, final: Reply) -> None:
-        """Say `final` and close; pipelined commands still buffered are not answered."""
-        self._closing = True
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(f"{final}\r\n".encode("ascii"))  # type: ignore[attr-defined]
-            self._hang_up()
-
-    def _hang_up(self) -> None:
-        """Close; abort if the last replies have not left after a short linger.
-
-        close() waits for the write buffer to empty, which a peer that does not read never
-        lets happen: the socket (and, before, the session's per-IP slot) would be held forever.
-        """
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
-            linger = min(_LINGER, float(self.limits.idle_timeout))
-            self._linger_handle = self.loop.call_later(linger, self._force_close)
-
-    def _force_close(self) -> None:
-        for transport in (self.transport, self._original_transport):
-            if transport is not None:
-                transport.abort()  # type: ignore[attr-defined]
-
-    # -- timers: one handle, re-armed lazily, so touching it per line costs a clock read ------
-
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        self._last_activity = self.loop.time()
-        if self._timeout_handle is None:
-            self._timeout_handle = self.loop.call_later(self._wait_limit, self._timeout_cb)
-
-    def _set_wait_limit(self, seconds: float, deadline: float = float("inf")) -> None:
-        """Wait at most `seconds` between lines, and until `deadline` (loop time) in all."""
-        self._wait_limit = seconds
-        self._deadline = deadline
-        self._last_activity = now = self.loop.time()
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
-        self._timeout_handle = self.loop.call_later(min(seconds, deadline - now), self._timeout_cb)
-
-    def _timeout_cb(self) -> None:
-        if self.transport is None:
-            return
-        now = self.loop.time()
-        remaining = min(self._last_activity + self._wait_limit, self._deadline) - now
-        if self._busy or remaining > 0:
-            self._timeout_handle = self.loop.call_later(max(remaining, 0.05), self._timeout_cb)
-            return
-        # RFC 5321 4.5.3.2 times each wait; the deadline also ends a client that trickles a
-        # line just often enough to never be idle (slowloris).
-        slow = now >= self._deadline
-        log.info("session.timeout", client_address=self.client_ip, listener=self.role, slow=slow)
-        self._abort(reply.DATA_TOO_SLOW if slow and not self._closing else self._timeout_reply)
-
-    # -- writing ------------------------------------------------------------------------------
-
-    async def _reply(self, answer: Reply | bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        self._writer.write(answer if isinstance(answer, bytes) else f"{answer}\r\n".encode())
-        await self._writer.drain()
-        if isinstance(answer, Reply) and answer.code >= 500:
-            self._count_error()
-
-    def _count_error(self) -> None:
-        self._errors += 1
-        if self._errors > self.limits.max_bad_commands:
-            log.info("session.too_many_errors", client_address=self.client_ip, listener=self.role)
-            self._abort(reply.TOO_MANY_ERRORS)
-
-    async def handle_exception(self, error: Exception) -> str:
-        # aiosmtpd's default puts the exception text in the reply; ours never does.
-        log.error("session.exception", client_address=self.client_ip, listener=self.role, exc_info=error)
-        return str(reply.INTERNAL_ERROR)
 
     # -- the command loop ---------------------------------------------------------------------
 
@@ -415,100 +256,12 @@ class SmtpSession(SMTP):
     def _touch(self) -> None:
         self._last_activity = self.loop.time()
 
-    # -- AUTH (RFC 4954) -------------------------------------------------------------------------
+    # -- AUTH (RFC 4954): the exchange is authcmd.py's ----------------------------------------
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         dialog = self.dialog
         assert dialog is not None
-        refusal = auth.auth_refusal(role=self.role, tls=dialog.tls, helo=dialog.helo, esmtp=dialog.esmtp,
-                                    authenticated=dialog.tenant is not None, in_transaction=dialog.mail is not None)
-        start = refusal or auth.parse_auth(arg)
-        if isinstance(start, Reply):
-            await self._reply(start)
-            return
-        throttle = self.receiver.throttle
-        if throttle.check(self.client_ip, None, self.receiver.clock()).verdict == "locked":
-            await self._auth_refused(auth.TOO_MANY_FAILURES, "", "auth_locked")
-            return
-        credentials = await self._auth_exchange(start)
-        if credentials is None:
-            return  # the client went away mid-exchange
-        if isinstance(credentials, Reply):
-            if credentials is auth.AUTH_FAILED:  # e.g. PLAIN naming another authzid
-                throttle.failed(self.client_ip, None, self.receiver.clock())
-                await self._auth_refused(credentials, "", "auth_failed")
-            else:
-                await self._reply(credentials)  # cancelled or undecodable: no attempt was made
-            return
-        username = credentials.username
-        decision = throttle.check(self.client_ip, username, self.receiver.clock())
-        if decision.verdict == "locked":
-            await self._auth_refused(auth.TOO_MANY_FAILURES, username, "auth_locked")
-            return
-        if decision.delay:
-            await asyncio.sleep(decision.delay)  # the tarpit: this session waits, the loop does not
-        tenant = await self._verify(credentials)
-        if isinstance(tenant, Reply):
-            await self._reply(tenant)
-            return
-        if tenant is None or tenant.disabled:
-            throttle.failed(self.client_ip, username, self.receiver.clock())
-            await self._auth_refused(auth.AUTH_FAILED, username, "auth_failed")
-            return
-        throttle.succeeded(username)
-        dialog.authenticated(tenant, username)
-        log.info("session.authenticated", client_address=self.client_ip, listener=self.role, tenant=tenant.name)
-        await self._reply(auth.AUTH_OK)
-
-    async def _auth_exchange(self, start: auth.AuthStart) -> auth.Credentials | Reply | None:
-        """The SASL exchange after `AUTH <mechanism> [initial]`: Credentials, the Reply that
-        ends it, or None at EOF."""
-        if start.mechanism == "PLAIN":
-            message: bytes | Reply | None = start.initial
-            if message is None:
-                message = await self._auth_line(auth.PLAIN_CHALLENGE)
-            if message is None or isinstance(message, Reply):
-                return message
-            return auth.decode_plain(message)
-        first: bytes | Reply | None = start.initial
-        if first is None:
-            first = await self._auth_line(auth.LOGIN_USERNAME)
-        if first is None or isinstance(first, Reply):
-            return first
-        username = auth.decode_login_step(first)
-        if isinstance(username, Reply):
-            return username
-        second = await self._auth_line(auth.LOGIN_PASSWORD)
-        if second is None or isinstance(second, Reply):
-            return second
-        password = auth.decode_login_step(second)
-        if isinstance(password, Reply):
-            return password
-        return auth.login_credentials(username, password)
-
-    async def _auth_line(self, challenge: bytes) -> bytes | Reply | None:
-        """Send a 334 challenge, read and decode the answer; None at EOF."""
-        await self._reply(challenge)
-        line = await read_command(self._reader, self.limits.max_command_length)
-        if line is None:
-            return None
-        self._reset_timeout()
-        if not line:
-            return auth.EXCHANGE_TOO_LONG
-        return auth.decode_response(line.rstrip(b"\r\n"))
-
-    async def _verify(self, credentials: auth.Credentials) -> Tenant | Reply | None:
-        directory = self.receiver.tenants
-        if directory is None:
-            return auth.TEMPORARY_FAILURE
-        try:
-            return await directory.authenticate(credentials.username, credentials.password)
-        except (asyncio.CancelledError, ConnectionError):
-            raise
-        except Exception as error:  # the directory failing is a 454, never its text
-            log.error("session.auth_error", client_address=self.client_ip, listener=self.role, exc_info=error)
-            return auth.TEMPORARY_FAILURE
-
-    async def _auth_refused(self, refusal: Reply, username: str, reason: str) -> None:
-        self.dialog.auth_refused(refusal, username=username, reason=reason)  # type: ignore[union-attr]
-        await self._reply(refusal)
+        command = AuthCommand(dialog=dialog, receiver=self.receiver, client_ip=self.client_ip, role=self.role,
+                              reader=self._reader, max_line=self.limits.max_command_length, send=self._reply,
+                              touch=self._reset_timeout)
+        await command.run(arg)
