@@ -251,3 +251,23 @@ def _summary(proc: MtadProcess) -> list[dict[str, Any]]:
     out = proc.mtactl("queue", "summary", "--json").stdout.decode()
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
+
+
+def test_notify_success_to_a_server_without_dsn_gets_a_relayed_notice(tmp_path: Path) -> None:
+    with Peer(dsn=False) as peer:
+        proc = start(tmp_path, domains=("example.test", "sender.test"), extra=route_to(peer) + FAST)
+        try:
+            host, port = proc.mx
+            with smtplib.SMTP(host, port, timeout=10) as client:
+                client.ehlo()
+                client.sendmail("sender@sender.test", ["asked@example.test"], BODY,
+                                rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+                client.sendmail("sender@sender.test", ["silent@example.test"], BODY)
+            notice = wait_for(lambda: next((t for t in peer.transactions if t.sender == ""), None))
+            [record] = parse_dsn(notice.data)
+            assert (record.recipient, record.action) == ("asked@example.test", "relayed")
+            assert record.status.startswith("2.")
+            wait_for(lambda: len(events(proc, "delivered")) == 3)  # two messages and the notice
+            assert sum(t.sender == "" for t in peer.transactions) == 1  # none for silent@
+        finally:
+            proc.stop()

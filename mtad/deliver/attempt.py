@@ -49,6 +49,9 @@ class AttemptResult(msgspec.Struct):
     """host[ip]:port of the server that gave the outcomes ("" if none)."""
     connected: bool
     """Some server greeted us (the destination is alive)."""
+    dsn_relayed: bool = True
+    """The server that took the recipients offers DSN, so NOTIFY went on with them (RFC 3461
+    5.2.2); False: mtad owes senders who asked for NOTIFY=SUCCESS a "relayed" notice."""
 
 
 NO_HOST = local("deferred", "4.4.4", "no next hop to try", scope="connection", reason="networkerror")
@@ -77,6 +80,7 @@ class _Attempt:
         self.last = NO_HOST
         self.relay = ""
         self.connected = False
+        self.dsn_relayed = True
 
     async def run(self, hops: list[NextHop]) -> AttemptResult:
         conn = self.pool.take(self.key)
@@ -101,7 +105,8 @@ class _Attempt:
                 self.pool.opened(self.key)
                 await self.use(conn)
         outcomes = [result if result is not None else self.last for result in self.results]
-        return AttemptResult(outcomes=outcomes, relay=self.relay, connected=self.connected)
+        return AttemptResult(outcomes=outcomes, relay=self.relay, connected=self.connected,
+                             dsn_relayed=self.dsn_relayed)
 
     async def use(self, conn: SmtpConnection) -> None:
         """Transactions on one connection until the pending recipients are settled or it breaks."""
@@ -121,6 +126,7 @@ class _Attempt:
                         continue
                     self.results[i] = outcome
                     self.relay = conn.relay
+                    self.dsn_relayed = "DSN" in conn.extensions
                     if progress and too_many(outcome):  # kept unless a later transaction does better
                         again.append(i)
                 self.pending = rest + again

@@ -42,7 +42,7 @@ import msgspec
 from mtad.deliver.outcome import COMMANDS, Outcome, one_line
 from mtad.records import Envelope, Recipient
 
-Action = Literal["failed", "delayed"]
+Action = Literal["failed", "delayed", "relayed"]
 
 MAX_ORIGINAL = 10 * 1024 * 1024
 """Largest original returned whole; a bigger one comes back as its header section only."""
@@ -70,10 +70,10 @@ def wants_dsn(sender: str, recipient: Recipient, action: Action) -> bool:
         return False
     words = {w.strip().upper() for w in recipient.notify.split(",") if w.strip()}
     if not words:
-        return True
+        return action != "relayed"  # success notices only on request
     if "NEVER" in words:
         return False
-    return ("FAILURE" if action == "failed" else "DELAY") in words
+    return {"failed": "FAILURE", "delayed": "DELAY", "relayed": "SUCCESS"}[action] in words
 
 
 def needs_smtputf8(envelope: Envelope, failures: list[Failure]) -> bool:
@@ -151,8 +151,9 @@ class _Builder:
         sender = self._text(self.envelope.sender)
         top["From"] = f"Mail Delivery System <MAILER-DAEMON@{self.host}>"
         top["To"] = f"<{sender}>"
-        top["Subject"] = ("Undelivered Mail Returned to Sender" if self.action == "failed"
-                          else "Delayed Mail (still being retried)")
+        top["Subject"] = {"failed": "Undelivered Mail Returned to Sender",
+                          "delayed": "Delayed Mail (still being retried)",
+                          "relayed": "Successful Mail Delivery Report"}[self.action]
         top["Date"] = _date(self.now)
         top["Message-ID"] = f"<{self.envelope.id or 'dsn'}.{self.token[:8]}@{self.host}>"
         top["Auto-Submitted"] = "auto-replied"
@@ -177,6 +178,9 @@ class _Builder:
         if self.action == "failed":
             lines += ["Your message could not be delivered to one or more of its recipients.",
                       f"The reasons are given below; a delivery report and {returned} are attached.", ""]
+        elif self.action == "relayed":
+            lines += ["Your message was passed on to the recipients' mail system below, which does not",
+                      "send delivery notifications itself; this is the last notice you will get for them.", ""]
         else:
             waited = _duration(self.now - self.envelope.arrival_time)
             lines += ["This is a warning only: you do not need to send your message again.", "",
@@ -356,6 +360,8 @@ def _put(block: Message, name: str, value: str) -> None:
 def _status(status: str, action: Action) -> str:
     """A valid status for the action: delayed is always class 4; failed keeps 4 (an expiry,
     as Postfix reports it) or 5; anything unreadable becomes X.0.0."""
+    if action == "relayed":
+        return status if _STATUS.match(status) and status[0] == "2" else "2.0.0"
     if not _STATUS.match(status):
         return "4.0.0" if action == "delayed" else "5.0.0"
     if action == "delayed":

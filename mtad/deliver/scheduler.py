@@ -286,7 +286,8 @@ class Scheduler:
             if am.recipients[index] is None or am.deleted:
                 continue  # bounced or deleted by the operator meanwhile
             change = after_outcome(recipient, outcome, arrival=envelope.arrival_time, now=now, relay=result.relay,
-                                   policy=self.policy, rand=self.rand)
+                                   policy=self.policy, rand=self.rand,
+                                   dsn_relayed=getattr(result, "dsn_relayed", True))
             am.recipients[index] = change.recipient
             self.publish(Event(
                 type=change.event, time=now, queue_id=envelope.id, sender=envelope.sender,

@@ -24,7 +24,7 @@ from mtad.records import MAX_HISTORY, Attempt, Recipient
 from mtad.retry import backoff
 from mtad.retry import expired as lifetime_over
 
-DsnAction = Literal["failed", "delayed", ""]
+DsnAction = Literal["failed", "delayed", "relayed", ""]
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,10 +44,12 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def after_outcome(recipient: Recipient, outcome: Outcome, *, arrival: float, now: float, relay: str,
-                  policy: Policy, rand: Callable[[], float] = random.random) -> Change:
-    """The recipient after one attempt ended with `outcome`."""
+                  policy: Policy, rand: Callable[[], float] = random.random, dsn_relayed: bool = True) -> Change:
+    """The recipient after one attempt ended with `outcome`. `dsn_relayed`: the server that
+    took it offers DSN (else a sender who asked for NOTIFY=SUCCESS gets a "relayed" DSN)."""
     if outcome.kind == "delivered":
-        return Change(recipient=None, event="delivered", outcome=outcome)
+        success = not dsn_relayed and "SUCCESS" in recipient.notify.upper()
+        return Change(recipient=None, event="delivered", outcome=outcome, dsn="relayed" if success else "")
     if outcome.kind == "bounced":
         return Change(recipient=None, event="bounced", outcome=outcome, dsn="failed")
     attempts = recipient.attempts + 1
