@@ -21,16 +21,16 @@ RFCs: 5321 4.5.3.1.1 (local part at most 64 octets), 4648 6 (base32).
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import hmac
 import os
 import re
 import secrets
-import stat
 
+from mtad import secretfile
 from mtad.config.schema import Config
 from mtad.records import Envelope
+from mtad.secretfile import SecretFileError
 
 KEY_FILE = "verp.key"
 PREFIX = "bounces+"
@@ -114,54 +114,14 @@ class Verp:
 
 def load_key(spool_dir: str) -> bytes:
     """The key in `<spool_dir>/verp.key`, created (32 random bytes, 0600) when absent."""
-    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     path = os.path.join(spool_dir, KEY_FILE)
-    if not os.path.lexists(path):
-        _create(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise VerpKeyError(f"cannot read VERP key {path}: {_reason(exc)}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise VerpKeyError(f"VERP key {path} is not a regular file")
-        if info.st_mode & 0o077:
-            raise VerpKeyError(f"VERP key {path} is readable by group or others; chmod 600 it")
-        data = os.read(fd, 4096)
-    finally:
-        os.close(fd)
+        data = secretfile.ensure(path, secrets.token_bytes(32), "VERP key")
+    except SecretFileError as exc:
+        raise VerpKeyError(str(exc)) from None
     if len(data) < 16:
         raise VerpKeyError(f"VERP key {path} is too short; remove it and restart mtad")
     return data
-
-
-def _create(path: str) -> None:
-    temporary = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, secrets.token_bytes(32))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass  # created meanwhile (the other side of this process, or another): use that one
-    except OSError as exc:
-        raise VerpKeyError(f"cannot create VERP key {path}: {_reason(exc)}") from None
-    finally:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-
-
-def _reason(exc: OSError) -> str:
-    if exc.errno == errno.ELOOP:
-        return "is a symbolic link"
-    return (exc.strerror or str(exc)).lower()
 
 
 def verp_from_config(cfg: Config) -> Verp | None:
