@@ -1,6 +1,7 @@
 """The DNS adapter: MX and address lookups on aiodns, with a TTL cache and shared lookups.
 
-`Resolver.mx()` and `Resolver.addresses()` are the only DNS the delivery side does. Every
+`Resolver.mx()` and `Resolver.addresses()` are the DNS the delivery side routes by;
+`Resolver.txt()` serves MTA-STS discovery (mtad.deliver.mtasts). Every
 answer, positive or negative, is cached by name and type:
 
     positive         the smallest TTL in the answer (CNAMEs included), within
@@ -50,7 +51,7 @@ import pycares
 from mtad.config.endpoints import parse_nameserver
 
 Kind = Literal["nxdomain", "nodata", "servfail", "timeout", "refused", "badname"]
-QType = Literal["MX", "A", "AAAA"]
+QType = Literal["MX", "A", "AAAA", "TXT"]
 TEMPORARY: frozenset[str] = frozenset({"servfail", "timeout", "refused"})
 
 TRIES = 2
@@ -188,6 +189,9 @@ def parse_answer(qtype: QType, result: pycares.DNSResult) -> tuple[Answer, int]:
               for record in result.answer if isinstance(record.data, pycares.MXRecordData)]
         mx.sort(key=lambda record: record.preference)
         return tuple(dict.fromkeys(mx)), ttl
+    if qtype == "TXT":  # each record's character-strings come joined (RFC 7208 3.3, RFC 8461 3.1)
+        return tuple(record.data.data.decode("utf-8", "replace") for record in result.answer
+                     if isinstance(record.data, pycares.TXTRecordData)), ttl
     wanted = pycares.AAAARecordData if qtype == "AAAA" else pycares.ARecordData
     found: list[str] = []
     for record in result.answer:
@@ -222,6 +226,14 @@ class Resolver:
         if isinstance(answer, str):
             raise DnsError(answer, name, "MX")
         return [record for record in answer if isinstance(record, MxRecord)]
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records at a name, each record's strings joined; DnsError when there are none."""
+        qname = query_name(name)
+        answer = await self._answer(qname, "TXT")
+        if isinstance(answer, str):
+            raise DnsError(answer, qname, "TXT")
+        return [text for text in answer if isinstance(text, str)]
 
     async def addresses(self, host: str) -> list[str]:
         """IPv6 and IPv4 addresses of a host, interleaved IPv6 first; an IP literal is itself.

@@ -102,6 +102,7 @@ def review(cfg: Config, base_dir: Path) -> tuple[Config, list[str]]:
         log=log,
     )
     normalised = msgspec.structs.replace(normalised, dkim=_review_dkim(cfg.dkim, base_dir, problems))
+    normalised = _review_outbound_tls(normalised, base_dir, problems)
     return normalised, problems
 
 
@@ -254,3 +255,41 @@ def _review_dkim(dkim: Dkim, base_dir: Path, problems: list[str]) -> Dkim:
         problems.append('dkim.headers: must include "From" (RFC 6376 5.4)')
     # "" stays "" (mtad.dkim.key_dir_of reads it as <spool_dir>/dkim), so the default is visible.
     return msgspec.structs.replace(dkim, key_dir=resolve(dkim.key_dir, base_dir))
+
+
+def _review_outbound_tls(cfg: Config, base_dir: Path, problems: list[str]) -> Config:
+    """[[tls_policy]] domains normalised, each at most once; the CA files of outbound TLS resolved."""
+    policies = []
+    first: dict[str, int] = {}
+    for i, policy in enumerate(cfg.tls_policy):
+        domain = policy.domain
+        if domain != "*":
+            try:
+                domain = normalize_domain(domain)
+            except ValueError as exc:
+                problems.append(f"tls_policy[{i}].domain: {exc}")
+                continue
+        if domain in first:
+            problems.append(f"tls_policy[{i}].domain: {show(domain)} already has a policy in tls_policy[{first[domain]}]")
+        first.setdefault(domain, i)
+        policies.append(msgspec.structs.replace(policy, domain=domain))
+    delivery = msgspec.structs.replace(cfg.delivery, tls_ca_file=resolve(cfg.delivery.tls_ca_file, base_dir))
+    mta_sts = msgspec.structs.replace(cfg.mta_sts, ca_file=resolve(cfg.mta_sts.ca_file, base_dir))
+    return msgspec.structs.replace(cfg, tls_policy=policies, delivery=delivery, mta_sts=mta_sts)
+
+
+def check_ca_files(cfg: Config) -> list[str]:
+    """delivery.tls_ca_file and mta_sts.ca_file, when set, are readable PEM files of certificates."""
+    problems = []
+    for key, path in (("delivery.tls_ca_file", cfg.delivery.tls_ca_file), ("mta_sts.ca_file", cfg.mta_sts.ca_file)):
+        if not path:
+            continue
+        try:
+            ssl.create_default_context(cafile=path)
+        except FileNotFoundError:
+            problems.append(f"{key}: file not found: {path}")
+        except ssl.SSLError:
+            problems.append(f"{key}: no PEM certificate in {path}")
+        except OSError as exc:
+            problems.append(f"{key}: cannot read {path}: {(exc.strerror or 'error').lower()}")
+    return problems

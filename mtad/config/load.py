@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from mtad.config.checks import check_tls_files, review
+from mtad.config.checks import check_ca_files, check_tls_files, review
 from mtad.config.schema import Config, Duration, Size, Within, show
 
 StrPath = str | os.PathLike[str]
@@ -57,6 +57,7 @@ def load_config(path: StrPath) -> Config:
     base_dir = Path(os.path.abspath(path)).parent
     cfg, problems = _decode(text, base_dir, os.fspath(path))
     problems += check_tls_files(cfg.tls.cert, cfg.tls.key)
+    problems += check_ca_files(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

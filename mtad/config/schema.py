@@ -170,6 +170,31 @@ class Route(_Table):
     """host:port or [host]:port of the next hop (no MX lookup)."""
 
 
+OutboundTlsMode = Literal["none", "opportunistic", "require", "verify"]
+
+
+class TlsPolicy(_Table):
+    domain: str
+    """Recipient domain, or "*" for every domain without a policy of its own (and without an
+    MTA-STS policy in enforce mode)."""
+    mode: OutboundTlsMode
+    """none: never STARTTLS; opportunistic: STARTTLS when offered, plaintext when it fails;
+    require: STARTTLS must succeed (any certificate); verify: and the certificate must chain to a
+    trusted CA (delivery.tls_ca_file, or the system's) and name the next hop (RFC 6125)."""
+
+
+class MtaSts(_Table):
+    enabled: bool = True
+    """Look up and apply MTA-STS policies (RFC 8461) for MX deliveries to domains without a
+    [[tls_policy]] of their own."""
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 443
+    """HTTPS port of mta-sts.<domain>. Only tests and private setups change it."""
+    ca_file: str = ""
+    """PEM file of CAs trusted for the policy servers instead of the system's (tests, private CAs)."""
+    timeout: Annotated[Duration, Within(1, 300)] = Duration(10)
+    """Longest a policy fetch (connect, TLS, the whole response) may take."""
+
+
 class Dns(_Table):
     nameservers: list[str] = []
     """ip or ip:port; empty uses the system resolver."""
@@ -230,6 +255,9 @@ class Delivery(_Table):
     """Each block of message data written (RFC 5321 4.5.3.2.5: 3 minutes)."""
     final_timeout: Annotated[Duration, Within(0.1, 3600)] = Duration(600)
     """The reply to the final dot (RFC 5321 4.5.3.2.6: 10 minutes)."""
+    tls_ca_file: str = ""
+    """PEM file of CAs trusted by outbound TLS in verify mode (and MTA-STS enforce) instead of the
+    system's: a private CA, tests."""
 
 
 class Spool(_Table):
@@ -311,3 +339,5 @@ class Config(_Table):
     dkim: Dkim = msgspec.field(default_factory=Dkim)
     bounces: Bounces = msgspec.field(default_factory=Bounces)
     suppression: Suppression = msgspec.field(default_factory=Suppression)
+    tls_policy: list[TlsPolicy] = msgspec.field(default_factory=list)
+    mta_sts: MtaSts = msgspec.field(default_factory=MtaSts)

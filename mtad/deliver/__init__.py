@@ -16,6 +16,9 @@ DESIGN principle 4: the queue decides when, the attempt decides how.
     attempt.py    deliver(): one message, a batch of its recipients, the next hops -> one
                   Outcome per recipient (fall-through to the next MX on connection failures).
                   Never touches the spool.
+    tlspolicy.py  OutboundTls: the TLS mode of each attempt ([[tls_policy]], MTA-STS enforce
+                  and testing) in front of attempt.deliver().
+    mtasts.py     MtaSts: RFC 8461 TXT discovery, HTTPS policy fetch, grammar, cache.
     outcome.py    Outcome: every reply or network error classified once (pure).
     bounce.py     RFC 3464 DSN builder (pure); DSNs re-enter through ingest.
     service.py    Delivery: the scheduler, router, pool and DSN sender wired together.

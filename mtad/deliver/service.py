@@ -23,7 +23,7 @@ import structlog
 
 from mtad.config.schema import Config
 from mtad.deliver import outcome as outcomes
-from mtad.deliver.attempt import AttemptResult, deliver
+from mtad.deliver.attempt import AttemptResult
 from mtad.deliver.bounce import Failure, build_dsn, submission_flags, wants_dsn
 from mtad.deliver.client import ClientSettings
 from mtad.deliver.control import Control
@@ -32,6 +32,7 @@ from mtad.deliver.outcome import Outcome
 from mtad.deliver.pool import Pool
 from mtad.deliver.route import Router
 from mtad.deliver.scheduler import Scheduler
+from mtad.deliver.tlspolicy import OutboundTls
 from mtad.deliver.transitions import DsnAction, Policy
 from mtad.dns import Resolver
 from mtad.events import Event, EventBus
@@ -57,6 +58,7 @@ class Delivery:
                              own_names={cfg.server.hostname, delivery.helo_name or cfg.server.hostname},
                              own_addresses=set(), mx_port=delivery.mx_port)
         self.settings = ClientSettings.from_config(delivery, hostname=cfg.server.hostname)
+        self.outbound_tls = OutboundTls(cfg, self.resolver)  # [[tls_policy]] and MTA-STS, per attempt
         self.pool = Pool(self.settings, idle_timeout=float(delivery.connection_idle_timeout),
                          max_messages=delivery.max_messages_per_connection)
         self.policy = Policy(min_backoff=float(delivery.min_backoff), max_backoff=float(delivery.max_backoff),
@@ -86,6 +88,7 @@ class Delivery:
         if self._task is not None:
             await self._task
         await self.pool.close()
+        await self.outbound_tls.close()
         self.resolver.close()
 
     def reload(self, cfg: Config) -> None:
@@ -126,7 +129,7 @@ class Delivery:
         key = self.router.destination_key(job.domain)
         if self.verp:
             envelope = msgspec.structs.replace(envelope, sender=self.verp.return_path(envelope))
-        return await deliver(key, route, envelope, recipients, body, self.pool, self.settings)
+        return await self.outbound_tls.deliver(key, route, envelope, recipients, body, self.pool, self.settings)
 
     async def _send_dsn(self, envelope: Envelope, items: list[tuple[Recipient, Outcome, str]],
                         action: DsnAction) -> None:
