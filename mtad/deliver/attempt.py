@@ -97,7 +97,9 @@ class _Attempt:
                 except SessionFailed as failed:
                     self.last = failed.outcome
                     # A reply (or a failure after the greeting) means a live server answered.
-                    greeted = failed.outcome.remote or failed.outcome.phase not in ("connect", "greeting")
+                    # A server that refuses at the greeting (421 storms) is as good as down, for
+                    # the window and the dead-destination count (as Postfix counts it).
+                    greeted = failed.outcome.phase not in ("connect", "greeting")
                     self.connected |= greeted
                     sessions += greeted
                     continue

@@ -228,6 +228,8 @@ def _dns_failure(domain: str, qtype: str, exc: DnsError) -> Outcome:
     words = f"Host or domain name not found. Name service error for name={domain} type={qtype}: "
     if exc.kind in ("nxdomain", "badname"):
         return local("bounced", "5.1.2", words + "Host not found", phase="dns")
+    if exc.kind == "timeout":
+        return local("deferred", "4.4.3", words + "lookup timed out, try again", phase="dns")
     return local("deferred", "4.4.3", words + "Host not found, try again", phase="dns")
 
 

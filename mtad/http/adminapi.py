@@ -72,6 +72,8 @@ class DestinationRow(msgspec.Struct, kw_only=True):
     last_error: str
     suspended_until: float
     """Unix time the destination rests until; 0 when it is not suspended."""
+    window: int = 0
+    """Connections the destination may have open now (its concurrency window); 0: not seen yet."""
 
 
 class QueueEntry(msgspec.Struct, kw_only=True):

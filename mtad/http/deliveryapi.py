@@ -30,6 +30,7 @@ class SummaryRow(Protocol):
     oldest: float
     last_error: str
     suspended_until: float
+    window: int
 
 
 class DeliveryControl(Protocol):
@@ -94,6 +95,7 @@ async def _summary(request: web.Request) -> web.StreamResponse:
         encoder.encode_into(adminapi.DestinationRow(
             destination=row.destination, queued=row.queued, deferred=row.deferred, active=row.active,
             oldest=row.oldest, last_error=row.last_error, suspended_until=row.suspended_until,
+            window=row.window,
         ), lines, len(lines))
         lines += b"\n"
     await response.write(bytes(lines))

@@ -169,12 +169,14 @@ def duration(seconds: float) -> str:
 def summary_lines(rows: list[DestinationRow], now: float | None = None) -> Iterator[str]:
     """`queue summary`: one line per destination, busiest first."""
     now = time.time() if now is None else now
-    yield f"{'DESTINATION':<32} {'QUEUED':>7} {'DEFERRED':>8} {'CONNS':>5} {'OLDEST':>8}  STATUS"
+    yield f"{'DESTINATION':<32} {'QUEUED':>7} {'DEFERRED':>8} {'CONNS':>5} {'WINDOW':>6} {'OLDEST':>8}  STATUS"
     for row in rows:
         age = duration(max(0.0, now - row.oldest)) if row.oldest else "-"
         status = f"suspended until {_when(row.suspended_until)}" if row.suspended_until else ""
         if row.last_error:
             status = _joined(status, ("last error: " if status else "") + row.last_error)
-        yield printable(f"{row.destination:<32} {row.queued:>7} {row.deferred:>8} {row.active:>5} {age:>8}  {status}")
+        window = str(row.window) if row.window else "-"
+        yield printable(f"{row.destination:<32} {row.queued:>7} {row.deferred:>8} {row.active:>5} {window:>6} "
+                        f"{age:>8}  {status}")
     if not rows:
         yield "(queue is empty)"
