@@ -10,6 +10,7 @@ environment; read_body alone opens the data environment (bodies).
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -53,7 +54,8 @@ class Spool:
         tables = open_tables(directory, map_size=map_size)
         try:
             writer = Writer(tables.env, tables.data_env, tables.body,
-                            linger=commit_linger, max_batch=commit_max_batch)
+                            linger=commit_linger, max_batch=commit_max_batch,
+                            trim_path=os.path.join(tables.directory, codec.DATA_DIR, "data.mdb"))
         except BaseException:
             close_tables(tables)
             raise

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import queue
 import threading
 import time
@@ -42,6 +43,7 @@ import lmdb
 import structlog
 
 from .errors import SpoolError, SpoolFailed, SpoolFull
+from .trim import Trimmer
 from .writes import WriteEnv, WriteTxns, delete_bodies
 
 T = TypeVar("T")
@@ -72,7 +74,9 @@ class Writer:
     """The group-commit writer thread of the spool's two LMDB environments."""
 
     def __init__(self, meta_env: WriteEnv, data_env: WriteEnv, bodies: lmdb._Database, *,
-                 linger: float, max_batch: int) -> None:
+                 linger: float, max_batch: int, trim_path: str = "") -> None:
+        """`trim_path`: the data environment's file, whose mapped pages are dropped from the
+        resident set as it grows (trim.py); empty: no trimming."""
         if max_batch < 1 or linger < 0:
             raise ValueError("commit_max_batch must be >= 1 and commit_linger >= 0")
         self._meta_env = meta_env
@@ -96,6 +100,7 @@ class Writer:
         """A data commit deleted bodies since the last reclaim commit (see _reclaim)."""
         self._thread = threading.Thread(target=self._run, name="mtad-spool-writer", daemon=True)
         self.commits = 0
+        self._trimmer = Trimmer(trim_path) if trim_path else None
         """Batches committed so far (each one synced commit per environment it changed)."""
         self.committed_ops = 0
         """Operations made durable so far (committed_ops / commits = operations per commit)."""
@@ -250,6 +255,7 @@ class Writer:
     def _commit(self, batch: list[_Op]) -> None:
         settled: list[_Settlement] = []
         pending = batch
+        wrote_data = False
         while pending:
             txns = WriteTxns(self._meta_env, self._data_env, self._bodies, frozenset(self._doomed))
             results: list[Any] = []
@@ -294,11 +300,17 @@ class Writer:
                 break
             self._healthy = True
             self._retry_purge = True
+            wrote_data = txns.data_begun
             self.commits += 1
             self.committed_ops += len(pending)
             settled.extend((op, result, None) for op, result in zip(pending, results))
             break
         self._settle(settled)
+        if wrote_data and self._trimmer is not None:
+            try:
+                self._trimmer.after_commit(os.stat(self._trimmer.path).st_size)
+            except OSError:
+                pass
 
     def _commit_both(self, txns: WriteTxns) -> None:
         """Data first, then meta, each synced; raises what the failed commit raised. Keeps the
