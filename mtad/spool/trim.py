@@ -3,8 +3,9 @@
 LMDB reads the page it appends to through its memory map (copy on write, then pwrite), so an
 ingest that appends gigabytes of bodies slowly maps the whole data file: clean, file-backed
 pages that the kernel could drop at any time, but that `ps` and systemd count as mtad's RSS
-(about 170 MB for 100,000 queued 2 KB messages). `Trimmer` drops those page-table entries
-with madvise(MADV_DONTNEED) once enough new data has been written; a later read of a body
+(about 170 MB for 100,000 queued 2 KB messages), and delivery, which reads every body through
+the map, does the same. `Trimmer` drops those page-table entries with madvise(MADV_DONTNEED)
+once enough new data has been written or some seconds have passed; a later read of a body
 faults its pages back in from the page cache. On a read-only shared file mapping (LMDB without
 writemap) that loses nothing and is invisible to readers in other threads. Linux only; a
 no-op elsewhere, or when the mapping cannot be found.
@@ -16,6 +17,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import time
 
 import structlog
 
@@ -24,6 +26,9 @@ log = structlog.get_logger("mtad.spool")
 MADV_DONTNEED = 4
 TRIM_EVERY = 64 * 1024 * 1024
 """Bytes the data file grows by between two trims."""
+TRIM_INTERVAL = 10.0
+"""Seconds between two trims while bodies are written or deleted (delivery reads each body
+through the map, then deletes it: the file does not grow, but its pages pile up all the same)."""
 
 
 def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -58,17 +63,22 @@ def mappings(path: str) -> list[tuple[int, int]]:
 class Trimmer:
     """Called by the writer thread after each commit with the data file's size."""
 
-    def __init__(self, path: str, every: int = TRIM_EVERY) -> None:
+    def __init__(self, path: str, every: int = TRIM_EVERY, interval: float = TRIM_INTERVAL) -> None:
         self.path = path
         self.every = every
+        self.interval = interval
         self._madvise = _madvise()
         self._last = 0
+        self._last_time = time.monotonic()
         self.trims = 0
 
     def after_commit(self, file_bytes: int) -> None:
-        if self._madvise is None or file_bytes - self._last < self.every:
+        """After a commit that wrote or deleted bodies: trim when the file grew by `every`
+        bytes, or `interval` seconds have passed, since the last trim."""
+        now = time.monotonic()
+        if self._madvise is None or (file_bytes - self._last < self.every and now - self._last_time < self.interval):
             return
-        self._last = file_bytes
+        self._last, self._last_time = file_bytes, now
         self.trim()
 
     def trim(self) -> None:

@@ -194,6 +194,7 @@ class Writer:
             return
         self._doomed -= doomed
         self._data_freed = True
+        self._trim()
 
     def _reclaim(self) -> bool:
         """Make the pages of the last body deletions usable, when there were any: LMDB reuses
@@ -306,7 +307,12 @@ class Writer:
             settled.extend((op, result, None) for op, result in zip(pending, results))
             break
         self._settle(settled)
-        if wrote_data and self._trimmer is not None:
+        if wrote_data:
+            self._trim()
+
+    def _trim(self) -> None:
+        """After a data commit: drop body pages from the resident set now and then (trim.py)."""
+        if self._trimmer is not None:
             try:
                 self._trimmer.after_commit(os.stat(self._trimmer.path).st_size)
             except OSError:
