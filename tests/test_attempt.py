@@ -40,8 +40,9 @@ def hop(*servers: Peer | int, host: str = "mx.dst.test") -> NextHop:
     return NextHop(host=host, port=port, addresses=["127.0.0.1"], mx=True)
 
 
-async def send(hops: list[NextHop], recipients: list[Recipient], pool: Pool, cs: ClientSettings) -> AttemptResult:
-    return await deliver(KEY, hops, ENVELOPE, recipients, BODY, pool, cs)
+async def send(hops: list[NextHop], recipients: list[Recipient], pool: Pool, cs: ClientSettings, *,
+               key: str = KEY) -> AttemptResult:
+    return await deliver(key, hops, ENVELOPE, recipients, BODY, pool, cs)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
@@ -229,3 +230,33 @@ async def test_452_too_many_recipients_go_in_the_next_transaction() -> None:
         assert [(o.kind, o.status) for o in result.outcomes] == [("bounced", "5.2.2"), ("delivered", "2.0.0")]
         assert [t.recipients for t in peer.transactions] == [["552-a@dst.test"], ["b@dst.test"]]
         await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_domains_on_one_server_share_its_idle_connections() -> None:
+    """Many domains hosted on one MX: an idle connection opened for one is borrowed by the next
+    (same server address and port), and idle connections per server are capped."""
+    cs = settings()
+    pool = Pool(cs, idle_timeout=30, max_messages=100, max_idle_per_server=2)
+    async with Peer() as peer:
+        for i in range(6):
+            result = await send([hop(peer)], rcpts(f"user@d{i}.test"), pool, cs, key=f"d{i}.test")
+            assert result.outcomes[0].kind == "delivered"
+        await peer.await_transactions(6)
+        assert len(peer.connections) == 1  # one session carried all six domains
+        # Stricter TLS modes never borrow: their keys carry " tls=<mode>".
+        assert pool.take_server("d9.test tls=require", *peer.address) is None
+    await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_idle_connections_per_server_are_capped() -> None:
+    cs = settings()
+    pool = Pool(cs, idle_timeout=30, max_idle_per_server=2, max_messages=100)
+    async with Peer(slow=0.3) as peer:
+        results = await asyncio.gather(*(send([hop(peer)], rcpts(f"slow-user@d{i}.test"), pool, cs, key=f"d{i}.test")
+                                         for i in range(4)))
+        assert all(r.outcomes[0].kind == "delivered" for r in results)
+        assert len(peer.connections) == 4  # they overlapped: one connection each
+        assert sum(pool.idle(f"d{i}.test") for i in range(4)) == 2  # the two oldest were closed
+    await pool.close()

@@ -92,6 +92,11 @@ class _Attempt:
                 if not self.pending or addresses >= MAX_ADDRESSES or sessions >= MAX_SESSIONS:
                     break
                 addresses += 1
+                shared = self.pool.take_server(self.key, address, hop.port)
+                if shared is not None:  # another domain's idle connection to this very server
+                    await self.use(shared)
+                    if not self.pending:
+                        break
                 try:
                     conn = await SmtpConnection.open(hop.host, address, hop.port, self.settings)
                 except SessionFailed as failed:

@@ -15,25 +15,38 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 from mtad.deliver.client import ClientSettings, SmtpConnection
 
 
 class _Idle:
-    __slots__ = ("conn", "timer")
+    __slots__ = ("conn", "key", "timer")
 
-    def __init__(self, conn: SmtpConnection, timer: asyncio.TimerHandle) -> None:
-        self.conn, self.timer = conn, timer
+    def __init__(self, conn: SmtpConnection, key: str, timer: asyncio.TimerHandle) -> None:
+        self.conn, self.key, self.timer = conn, key, timer
+
+
+def _shareable(key: str) -> bool:
+    """Keys whose connections another destination may borrow: opportunistic TLS (attempts with a
+    stricter TLS mode get keys of their own, "<key> tls=<mode>", and never share)."""
+    return " tls=" not in key
 
 
 class Pool:
     """Idle connections per destination key, and a count of the busy ones."""
 
-    def __init__(self, settings: ClientSettings, *, idle_timeout: float, max_messages: int) -> None:
+    def __init__(self, settings: ClientSettings, *, idle_timeout: float, max_messages: int,
+                 max_idle_per_server: int = 20) -> None:
         self.settings = settings
         self.idle_timeout = idle_timeout
         self.max_messages = max_messages
+        self.max_idle_per_server = max_idle_per_server
         self._idle: dict[str, list[_Idle]] = {}
+        self._servers: dict[tuple[str, int], list[_Idle]] = {}
+        """The same idle connections by server (address, port), oldest first: many domains
+        hosted on one MX share its connection slots, so idle ones are capped per server and
+        may be borrowed by another destination (as Postfix caches connections by address)."""
         self._active: Counter[str] = Counter()
         self._closing: set[asyncio.Task[None]] = set()
         self._shut = False
@@ -42,15 +55,24 @@ class Pool:
         """An idle usable connection for this destination key (now counted active), or None."""
         idle = self._idle.get(key)
         while idle:
-            entry = idle.pop()
-            entry.timer.cancel()
+            entry = idle[-1]
+            self._forget(entry)
             if entry.conn.usable:
-                if not idle:
-                    del self._idle[key]
                 self._active[key] += 1
                 return entry.conn
             self._close(entry.conn)
-        self._idle.pop(key, None)
+        return None
+
+    def take_server(self, key: str, address: str, port: int) -> SmtpConnection | None:
+        """An idle usable connection to the server address:port that another destination opened,
+        now counted active for `key`; None when there is none or the keys may not share."""
+        if not _shareable(key):
+            return None
+        for entry in reversed(self._servers.get((address, port), [])):
+            if _shareable(entry.key) and entry.conn.usable:
+                self._forget(entry)
+                self._active[key] += 1
+                return entry.conn
         return None
 
     def opened(self, key: str) -> None:
@@ -67,8 +89,14 @@ class Pool:
             self._close(conn)
             return
         loop = asyncio.get_running_loop()
-        entry = _Idle(conn, loop.call_later(self.idle_timeout, self._expire, key, conn))
+        entry = _Idle(conn, key, loop.call_later(self.idle_timeout, self._expire, key, conn))
         self._idle.setdefault(key, []).append(entry)
+        server = self._servers.setdefault((conn.address, conn.port), [])
+        server.append(entry)
+        if len(server) > self.max_idle_per_server:
+            oldest = server[0]
+            self._forget(oldest)
+            self._close(oldest.conn)
 
     def active(self, key: str) -> int:
         """Connections of this key busy now."""
@@ -86,20 +114,36 @@ class Pool:
                 entry.timer.cancel()
                 self._close(entry.conn)
         self._idle.clear()
+        self._servers.clear()
         while self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
 
     def _expire(self, key: str, conn: SmtpConnection) -> None:
-        entries = self._idle.get(key, [])
-        for i, entry in enumerate(entries):
+        for entry in self._idle.get(key, []):
             if entry.conn is conn:
-                del entries[i]
+                self._forget(entry)
                 break
-        if not entries:
-            self._idle.pop(key, None)
         self._close(conn)
+
+    def _forget(self, entry: _Idle) -> None:
+        """Take an idle entry out of both indexes and stop its timer."""
+        entry.timer.cancel()
+        _remove(self._idle, entry.key, entry)
+        _remove(self._servers, (entry.conn.address, entry.conn.port), entry)
 
     def _close(self, conn: SmtpConnection) -> None:
         task = asyncio.get_running_loop().create_task(conn.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+def _remove(index: dict[Any, list[_Idle]], name: object, entry: _Idle) -> None:
+    entries = index.get(name)
+    if entries is None:
+        return
+    try:
+        entries.remove(entry)
+    except ValueError:
+        return
+    if not entries:
+        del index[name]

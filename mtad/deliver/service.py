@@ -60,7 +60,8 @@ class Delivery:
         self.settings = ClientSettings.from_config(delivery, hostname=cfg.server.hostname)
         self.outbound_tls = OutboundTls(cfg, self.resolver)  # [[tls_policy]] and MTA-STS, per attempt
         self.pool = Pool(self.settings, idle_timeout=float(delivery.connection_idle_timeout),
-                         max_messages=delivery.max_messages_per_connection)
+                         max_messages=delivery.max_messages_per_connection,
+                         max_idle_per_server=delivery.destination_concurrency)
         self.policy = Policy(min_backoff=float(delivery.min_backoff), max_backoff=float(delivery.max_backoff),
                              lifetime=float(delivery.max_queue_lifetime),
                              delay_warning=float(delivery.delay_warning))
