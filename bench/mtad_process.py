@@ -68,6 +68,10 @@ domains = ["{domain}"]
 
 [log]
 mail_log = "{base / 'mail.log'}"
+
+[delivery]
+# Ingest benchmarks: mtad only receives, as the Postfix beside it holds its queue.
+paused = true
 """
 
 
