@@ -60,7 +60,14 @@ class Control:
         count = 0
         async for page in self._scan(queue_id):
             writes = []
-            for message in page:
+            for snapshot in page:
+                if not any(self._matches(r, key) for r in snapshot.recipients):
+                    continue
+                # The worker thread's snapshot may be stale by now (delivered meanwhile):
+                # decide on the spool's current state, read on the loop, before any await.
+                message = self.spool.get(snapshot.envelope.id)
+                if message is None:
+                    continue
                 changed, mine = self._flush_one(message, key)
                 count += changed
                 if changed and mine:
