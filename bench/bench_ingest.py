@@ -27,16 +27,14 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from mtad_process import MtadError, MtadProcess, free_port, machine_busy_seconds
-from postfix_peer import PostfixError, PostfixPeer
+from postfix_peer import PostfixError, PostfixPeer, begin_run
 from report import Cell, Sample, environment_lines, format_table, summary_lines
 from smtp_source import Job, run_smtp_source
 from spool_fill import direct_available, fill_direct, fill_via_smtp
@@ -204,18 +202,10 @@ def write_json(args: argparse.Namespace, result: dict[str, Any]) -> Path:
     return path
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
-    for tool in ("smtp-source", *shlex.split(args.mtad)[:1]):
-        if shutil.which(tool) is None and not Path(tool).exists():
-            print(f"bench: {tool} not found", file=sys.stderr)
-            return 1
-    base = args.workdir or Path(tempfile.mkdtemp(prefix="mtad-bench-"))
-    base.mkdir(parents=True, exist_ok=True)
-    os.chmod(base, 0o755)
+    base = begin_run("bench", ("smtp-source", *shlex.split(args.mtad)[:1]), args.workdir, "mtad-bench-")
+    if base is None:
+        return 1
     peer = None if args.no_postfix else PostfixPeer(free_port(), mode=args.postfix_mode,
                                                      sink_port=free_port(), base=base / "postfix")
     mtad = MtadProcess(base / "ingest", shlex.split(args.mtad), shlex.split(args.mtactl), DOMAIN)
@@ -259,7 +249,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
     return run(parse_args(argv))
 
 

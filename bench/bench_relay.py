@@ -32,16 +32,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from mtad_process import MtadError, MtadProcess, free_port, machine_busy_seconds
-from postfix_peer import PostfixError, postfix_version
+from postfix_peer import PostfixError, begin_run, postfix_version
 from relay_deferred import deferred_scenario
 from relay_setup import DOMAIN, RelayPostfix, mail_log_counts, make_mtad, run_injector
 from relay_sink import CountingSink, ScriptedSink
@@ -319,20 +317,11 @@ def environment() -> dict[str, Any]:
             "postfix": postfix_version(), "loadavg_start": loadavg()}
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
     args = parse_args(argv)
-    for tool in ("smtp-source", "smtp-sink", args.mtad.split()[0]):
-        if shutil.which(tool) is None and not Path(tool).exists():
-            print(f"bench_relay: {tool} not found", file=sys.stderr)
-            return 1
-    base = args.workdir or Path(tempfile.mkdtemp(prefix="mtad-relay-"))
-    base.mkdir(parents=True, exist_ok=True)
-    os.chmod(base, 0o755)
+    base = begin_run("bench_relay", ("smtp-source", "smtp-sink", args.mtad.split()[0]), args.workdir, "mtad-relay-")
+    if base is None:
+        return 1
     result: dict[str, Any] = {"environment": environment()}
     env = result["environment"]
     print(f"mtad relay benchmark  {env['when']}  {env['host']} ({env['cpus']} CPUs, kernel {env['kernel']}, "

@@ -12,6 +12,9 @@ Two jobs, chosen by `mode`:
   relay  accept, queue and relay to an smtp-sink on 127.0.0.1 (relayhost), the set-up in
          /work/shared/BENCH-NOTES.md; delivery competes with ingest for the CPU.
 
+`begin_run()` starts a benchmark that runs beside such a Postfix (bench_ingest, bench_relay):
+SIGTERM as Ctrl-C, the tools it needs present, a work directory Postfix's users can read.
+
 Needs root (the master process starts as root and drops to `mail_owner = postfix`).
 Run it on its own to poke at the peer by hand:
     python3 bench/postfix_peer.py --port 2525 [--mode relay]      (Ctrl-C stops it)
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, Self
 
@@ -45,6 +49,26 @@ COPIED_FILES = {
                   "/etc/postfix/master.cf"),
     "dynamicmaps.cf": ("/etc/postfix/dynamicmaps.cf", "/usr/share/postfix/dynamicmaps.cf"),
 }
+
+
+def begin_run(name: str, tools: Iterable[str], workdir: Path | None, prefix: str) -> Path | None:
+    """The start of a benchmark run: from now on SIGTERM ends it as Ctrl-C does (KeyboardInterrupt,
+    so its finally blocks stop mtad and Postfix). None, said on stderr, when one of TOOLS is neither
+    on PATH nor a file; else WORKDIR (or a new temporary directory named PREFIX...), made and
+    readable by all users (the private Postfix's own users read below it)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    for tool in tools:
+        if shutil.which(tool) is None and not Path(tool).exists():
+            print(f"{name}: {tool} not found", file=sys.stderr)
+            return None
+    base = workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    base.mkdir(parents=True, exist_ok=True)
+    os.chmod(base, 0o755)
+    return base
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 class PostfixError(RuntimeError):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import datetime
 import ipaddress
 import os
 import shutil
@@ -37,18 +36,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Self
+from typing import Self
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-
-class TlsFiles(NamedTuple):
-    ca: Path
-    cert: Path
-    key: Path
+from support import ThreadedServer, TlsFiles, make_test_tls
 
 
 @dataclass
@@ -92,37 +83,10 @@ def tls_files() -> TlsFiles:
 
 
 def _make_tls(directory: Path) -> TlsFiles:
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mtad test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-          .not_valid_after(now + datetime.timedelta(days=2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.DNSName("mx.peer.test"),
                                      x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                                      x509.IPAddress(ipaddress.ip_address("::1"))]
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.peer.test")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    files = TlsFiles(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-    return files
+    return make_test_tls(directory, ca_name="mtad test CA", server_name="mx.peer.test", names=names)
 
 
 def closed_port(host: str = "127.0.0.1") -> int:
@@ -132,8 +96,10 @@ def closed_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class Peer:
+class Peer(ThreadedServer):
     """The scripted SMTP server; see the module docstring."""
+
+    thread_name = "smtp-peer"
 
     def __init__(self, *, host: str = "127.0.0.1", greeting: int = 220, esmtp: bool = True,
                  pipelining: bool = True, starttls: bool = False, tls_broken: bool = False, size: int = 0,
@@ -145,14 +111,12 @@ class Peer:
         self.eightbitmime, self.smtputf8, self.dsn = eightbitmime, smtputf8, dsn
         self.drop, self.tarpit, self.slow, self.name = drop, tarpit, slow, name
         self.scripted, self.max_recipients = scripted, max_recipients
+        super().__init__()
         self.port = port
         """The port to listen on (0: any free one), then the one bound."""
         self.connections: list[Connection] = []
         self.transactions: list[Transaction] = []
         self._changed = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping: asyncio.Event | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tls: ssl.SSLContext | None = None
 
@@ -167,18 +131,7 @@ class Peer:
             files = tls_files()
             self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._tls.load_cert_chain(files.cert, files.key)
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="smtp-peer", daemon=True)
-        self._thread.start()
-        if not ready.wait(10) or not self.port:
-            raise RuntimeError("peer did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stopping is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-            self._thread.join(10)
-            self._loop = None
+        return super().start()
 
     def kick(self, reply: str = "421 4.4.2 idle timeout, closing connection") -> None:
         """Send `reply` on every open connection and close it (a server ending idle sessions)."""
@@ -189,24 +142,8 @@ class Peer:
         assert self._loop is not None
         asyncio.run_coroutine_threadsafe(kick_all(), self._loop).result(5)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        return await asyncio.to_thread(self.start)
-
-    async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.stop)
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.run(self._serve(ready))
-
     async def _serve(self, ready: threading.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+        assert self._stopping is not None
         server = await asyncio.start_server(self._session, self.host, self.port)
         self.port = server.sockets[0].getsockname()[1]
         ready.set()

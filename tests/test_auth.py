@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import base64
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,20 +20,17 @@ import pytest
 import pytest_asyncio
 from test_receive import (  # noqa: F401 - tls_context is a fixture re-export
     HOSTNAME,
-    FakeSpool,
     Raw,
     Running,
+    running,
     tls_context,
 )
 
-from mtad.config.schema import Limits, Listener
-from mtad.events import EventBus
-from mtad.ingest import Ingest
+from mtad.config.schema import Limits, Listener, Role
 from mtad.platform.model import Quota
 from mtad.platform.quotas import QuotaTracker
 from mtad.platform.tenants import TenantDirectory
 from mtad.receive import auth, policy
-from mtad.receive.listeners import Receiver
 
 PASSWORD = "correct horse battery"
 USER = "alice@acme.test"
@@ -44,15 +42,6 @@ def b64(data: bytes) -> bytes:
 
 # -- helpers shared with test_throttle and test_submission ------------------------------------
 
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest_asyncio.fixture
@@ -73,27 +62,12 @@ async def tenant_dir(tmp_path: Path) -> AsyncIterator[TenantDirectory]:
 
 
 @asynccontextmanager
-async def submission(context: ssl.SSLContext, tenants: Any, *, role: str = "submission",
-                     limits: Limits | None = None, clock: Any = None,
+async def submission(context: ssl.SSLContext, tenants: Any, *, role: Role = "submission",
+                     limits: Limits | None = None, clock: Callable[[], float] = time.time,
                      quotas: QuotaTracker | None = None) -> AsyncIterator[Running]:
-    bus = EventBus()
-    spool = FakeSpool()
-    extra = {"clock": clock} if clock is not None else {}
-    rx = Receiver(listeners=[Listener(role=role, address="127.0.0.1:0")], limits=limits or Limits(),
-                  inbound_domains=("example.test",), hostname=HOSTNAME, ingest=Ingest(spool, bus, HOSTNAME),
-                  bus=bus, tls_context=context, tenants=tenants, quotas=quotas, **extra)
-    await rx.start()
-    _, host, port = rx.bound()[0]
-    run = Running(rx, host, port, spool=spool)
-    bus.subscribe(run.events.append)
-    try:
+    async with running(listeners=[Listener(role=role, address="127.0.0.1:0")], limits=limits, tls_context=context,
+                       tenants=tenants, quotas=quotas, clock=clock) as run:
         yield run
-    finally:
-        clients, Raw.open_clients = Raw.open_clients, []
-        for client in clients:
-            await client.close()
-        await rx.stop_accepting()
-        await rx.drain(0)
 
 
 async def secure(raw: Raw) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -48,6 +48,33 @@ async def session(peer: Peer, host: str = "mx.peer.test", **changes: object) -> 
         yield conn
     finally:
         await conn.close()
+
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def hostile_server(script: Script) -> AsyncIterator[int]:
+    """A server on 127.0.0.1:0 (its port yielded) that runs `script` on each connection, then drops
+    it. On the way out without an error, the session must have ended within 5 s."""
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await script(reader, writer)
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+            done.set()
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+        async with asyncio.timeout(5):
+            await done.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 class Ticker:
@@ -291,29 +318,14 @@ async def test_slow_rcpt_times_out_and_the_loop_stays_free() -> None:
 
 @pytest.mark.asyncio
 async def test_hostile_reply_line_ends_the_session() -> None:
-    done = asyncio.Event()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(b"220-" + b"x" * 100_000 + b"\r\n220 ok\r\n")
-            await writer.drain()
-            await reader.read()
-        except OSError:
-            pass
-        finally:
-            writer.transport.abort()
-            done.set()
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220-" + b"x" * 100_000 + b"\r\n220 ok\r\n")
+        await writer.drain()
+        await reader.read()
+    async with hostile_server(script) as port:
         with pytest.raises(SessionFailed) as failed:
             await SmtpConnection.open("evil", "127.0.0.1", port, settings())
         assert failed.value.outcome.reply == "failed during greeting: malformed reply"
-        async with asyncio.timeout(5):
-            await done.wait()
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.asyncio
@@ -467,31 +479,16 @@ async def until_seen(peer: Peer, command: str, timeout: float = 5) -> None:
 @pytest.mark.asyncio
 async def test_plaintext_injected_after_starttls_is_refused() -> None:
     """A reply sent in the clear with the 220 must not be read as if it came over TLS."""
-    done = asyncio.Event()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(b"220 evil ESMTP\r\n")
-            await reader.readline()
-            writer.write(b"250-evil\r\n250 STARTTLS\r\n")
-            await reader.readline()
-            writer.write(b"220 go ahead\r\n250-injected\r\n250 PIPELINING\r\n")
-            await reader.read()
-        except OSError:
-            pass
-        finally:
-            writer.transport.abort()
-            done.set()
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 evil ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-evil\r\n250 STARTTLS\r\n")
+        await reader.readline()
+        writer.write(b"220 go ahead\r\n250-injected\r\n250 PIPELINING\r\n")
+        await reader.read()
+    async with hostile_server(script) as port:
         started = time.monotonic()
         with pytest.raises(SessionFailed) as failed:
-            await SmtpConnection.open("evil", "127.0.0.1", server.sockets[0].getsockname()[1],
-                                      settings(tls="require", command_timeout=3))
+            await SmtpConnection.open("evil", "127.0.0.1", port, settings(tls="require", command_timeout=3))
         assert (failed.value.outcome.status, failed.value.outcome.reply) == ("4.7.5", "TLS handshake failed")
         assert time.monotonic() - started < 2  # refused at once, not after a handshake timing out
-        async with asyncio.timeout(5):
-            await done.wait()
-    finally:
-        server.close()
-        await server.wait_closed()

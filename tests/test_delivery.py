@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from dnsserver import DnsServer
-from harness import MtadProcess, wait_for, write_config
+from harness import MtadProcess, fast_delivery, wait_for, write_config
 from peer import Peer, closed_port
 
 from mtad.dsn.parse import parse as parse_dsn
@@ -38,17 +38,7 @@ BODY = (
     b"last line\r\n"
 )
 
-FAST = """
-[delivery]
-min_backoff = "1s"
-max_backoff = "2s"
-connect_timeout = "2s"
-greeting_timeout = "3s"
-command_timeout = "3s"
-suspend_after = 3
-suspend_time = "2s"
-connection_idle_timeout = "2s"
-"""
+FAST = fast_delivery()
 
 
 def send(proc: MtadProcess, recipients: list[str], *, sender: str = "sender@sender.test", body: bytes = BODY) -> None:
@@ -188,7 +178,7 @@ def test_two_mtads_relay_to_each_other(tmp_path: Path, peer: Peer) -> None:
 def test_dead_destination_suspends_then_flush_delivers(tmp_path: Path) -> None:
     port = closed_port()
     route = f'\n[[route]]\ndomain = "*"\nnexthop = "127.0.0.1:{port}"\n'
-    proc = start(tmp_path, domains=("example.test",), extra=route + FAST.replace('suspend_time = "2s"', 'suspend_time = "1h"'))
+    proc = start(tmp_path, domains=("example.test",), extra=route + fast_delivery(suspend_time="1h"))
     try:
         for i in range(6):
             send(proc, [f"r{i}@example.test"])
@@ -212,7 +202,7 @@ def test_dead_destination_suspends_then_flush_delivers(tmp_path: Path) -> None:
 def test_queue_bounce_returns_a_dsn_and_removes(tmp_path: Path, peer: Peer) -> None:
     port = closed_port()
     extra = (f'\n[[route]]\ndomain = "example.test"\nnexthop = "127.0.0.1:{port}"\n'
-             + route_to(peer, "sender.test") + FAST.replace('suspend_time = "2s"', 'suspend_time = "1h"'))
+             + route_to(peer, "sender.test") + fast_delivery(suspend_time="1h"))
     proc = start(tmp_path, domains=("example.test", "sender.test"), extra=extra)
     try:
         send(proc, ["stuck@example.test"])

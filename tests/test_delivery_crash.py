@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import MtadProcess, wait_for, write_config
+from harness import MtadProcess, fast_delivery, wait_for, write_config
 from peer import Peer
 
 pytestmark = pytest.mark.slow
@@ -55,9 +55,8 @@ def test_sigkill_while_delivering_loses_nothing(tmp_path: Path, record_property:
     rng = random.Random()
     with Peer(scripted=False) as sink:
         extra = (f'\n[[route]]\ndomain = "*"\nnexthop = "127.0.0.1:{sink.port}"\n'
-                 f'\n[delivery]\npaused = true\ninitial_concurrency = 5\ndestination_concurrency = {WINDOW}\n'
-                 'min_backoff = "1s"\nmax_backoff = "2s"\nconnect_timeout = "2s"\ngreeting_timeout = "3s"\n'
-                 'command_timeout = "3s"\nsuspend_time = "1s"\n')
+                 + fast_delivery(paused=True, initial_concurrency=5, destination_concurrency=WINDOW,
+                                 suspend_after=None, suspend_time="1s", connection_idle_timeout=None))
         config = write_config(tmp_path, extra=extra)
         proc = MtadProcess(config).start()
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import MtadProcess, wait_for, write_config
+from harness import MtadProcess, fast_delivery, wait_for, write_config
 from peer import Peer, Transaction
 
 from mtad.records import Envelope, Recipient, new_queue_id
@@ -36,15 +36,7 @@ SENDER = "sender@sender.test"
 BODY = (b"From: Sender <sender@sender.test>\r\nTo: someone@example.test\r\nSubject: dsn options\r\n"
         b"Message-ID: <dsn-options@sender.test>\r\nDate: Sat, 28 Nov 2026 12:00:00 +0000\r\n\r\n"
         b"The body text that only RET=FULL returns.\r\n")
-FAST = """
-[delivery]
-min_backoff = "1s"
-max_backoff = "1s"
-connect_timeout = "2s"
-greeting_timeout = "3s"
-command_timeout = "3s"
-connection_idle_timeout = "2s"
-"""
+FAST = fast_delivery(max_backoff="1s", suspend_after=None, suspend_time=None)
 
 
 @pytest.fixture

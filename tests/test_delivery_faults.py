@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 from dnsserver import DnsServer
-from harness import MtadProcess, wait_for, write_config
+from harness import MtadProcess, fast_delivery, wait_for, write_config
 from peer import Peer, closed_port
 
 pytestmark = pytest.mark.slow
@@ -38,17 +38,7 @@ pytestmark = pytest.mark.slow
 BODY = (b"From: Sender <sender@sender.test>\r\nTo: someone@example.test\r\nSubject: faults\r\n"
         b"Message-ID: <faults@sender.test>\r\nDate: Sat, 28 Nov 2026 12:00:00 +0000\r\n\r\nHello.\r\n")
 
-FAST = """
-[delivery]
-min_backoff = "1s"
-max_backoff = "2s"
-connect_timeout = "2s"
-greeting_timeout = "3s"
-command_timeout = "3s"
-suspend_after = 3
-suspend_time = "2s"
-connection_idle_timeout = "2s"
-"""
+FAST = fast_delivery()
 
 
 class CountingPeer(Peer):
@@ -142,7 +132,7 @@ def test_destination_down_then_up_flows_through_a_small_window(tmp_path: Path) -
 def test_tarpit_greeting_timeout_fires_and_the_daemon_stays_responsive(tmp_path: Path) -> None:
     hanging = 20
     with CountingPeer(tarpit=True) as tarpit:
-        extra = (route(tarpit.port) + FAST.replace('greeting_timeout = "3s"', 'greeting_timeout = "4s"')
+        extra = (route(tarpit.port) + fast_delivery(greeting_timeout="4s")
                  .replace("suspend_after = 3", "suspend_after = 100")
                  + f"initial_concurrency = {hanging}\ndestination_concurrency = {hanging}\n")
         proc = start(tmp_path, extra)
@@ -197,7 +187,7 @@ def test_421_greeting_defers_and_falls_through_to_the_next_mx(tmp_path: Path) ->
             "storm.test": {"MX": [(10, "mx1.example.test")]},
         }
         with DnsServer(zone) as dns:
-            extra = (FAST.replace("suspend_after = 3", "suspend_after = 100") + f'mx_port = {busy.port}\n'
+            extra = (fast_delivery(suspend_after=100) + f'mx_port = {busy.port}\n'
                      f'\n[dns]\nnameservers = ["{dns.address}"]\ntimeout = "1s"\n')
             proc = start(tmp_path, extra, domains=("example.test", "storm.test"))
             try:
@@ -249,7 +239,7 @@ def test_dns_servfail_defers_then_a_fixed_zone_delivers(tmp_path: Path) -> None:
             "mx1.example.test": {"A": ["127.0.0.1"]},
         }
         with DnsServer(zone) as dns:
-            extra = (FAST.replace('max_backoff = "2s"', 'max_backoff = "1s"') + f"mx_port = {peer.port}\n"
+            extra = (fast_delivery(max_backoff="1s") + f"mx_port = {peer.port}\n"
                      f'\n[dns]\nnameservers = ["{dns.address}"]\ntimeout = "1s"\n')
             proc = start(tmp_path, extra, domains=("broken.test",))
             try:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from dnsserver import WILDCARD_HOST, DnsServer, Zone
+from support import Clock
 
 from mtad.dns import (
     CachePolicy,
@@ -50,13 +51,6 @@ ZONE: Zone = {
 MakeResolver = Callable[..., Resolver]
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @pytest.fixture
 def server() -> Iterator[DnsServer]:
@@ -66,12 +60,12 @@ def server() -> Iterator[DnsServer]:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> Clock:
+    return Clock(1000.0)
 
 
 @pytest.fixture
-def make(server: DnsServer, clock: FakeClock) -> Iterator[MakeResolver]:
+def make(server: DnsServer, clock: Clock) -> Iterator[MakeResolver]:
     made: list[Resolver] = []
 
     def factory(nameservers: list[str] | None = None, timeout: float = 1.0, **kwargs: object) -> Resolver:
@@ -261,7 +255,7 @@ async def test_addresses_failures(make: MakeResolver, name: str, kind: str) -> N
 
 @pytest.mark.asyncio
 async def test_positive_answers_cached_then_expire_by_ttl(server: DnsServer, make: MakeResolver,
-                                                          clock: FakeClock) -> None:
+                                                          clock: Clock) -> None:
     # TTL 0 is not cached by c-ares; ours keeps it min_ttl (1 s) on the injected clock.
     resolver = make()
     await resolver.mx("zero.test")
@@ -290,7 +284,7 @@ async def test_real_ttl_expiry_end_to_end(server: DnsServer) -> None:
 
 
 @pytest.mark.asyncio
-async def test_negative_answers_cached(server: DnsServer, make: MakeResolver, clock: FakeClock) -> None:
+async def test_negative_answers_cached(server: DnsServer, make: MakeResolver, clock: Clock) -> None:
     server.soa = False  # so c-ares does not cache it: what is seen is our cache
     resolver = make(policy=CachePolicy(negative_ttl=10))
     for _ in range(3):
@@ -307,7 +301,7 @@ async def test_negative_answers_cached(server: DnsServer, make: MakeResolver, cl
 
 
 @pytest.mark.asyncio
-async def test_failures_cached_briefly(server: DnsServer, make: MakeResolver, clock: FakeClock) -> None:
+async def test_failures_cached_briefly(server: DnsServer, make: MakeResolver, clock: Clock) -> None:
     resolver = make(policy=CachePolicy(failure_ttl=2))
     with pytest.raises(DnsError):
         await resolver.mx("broken.test")

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from harness import MtadProcess, wait_for, write_config
 from peer import Peer, tls_files
+from support import arf_report, dsn_report
 from test_auth import PASSWORD, USER
 
 from mtad.platform.tenants import TenantDirectory
@@ -31,69 +32,9 @@ VERP_SENDER = re.compile(r"bounces\+([0-9a-f]{22})-[a-z2-7]{16}@bounce\.test")
 RECIPIENTS = ["Gone@peer.test", "full@peer.test", "angry@peer.test", "ok@peer.test", "550-refused@peer.test"]
 MESSAGE = b"From: Alice <alice@acme.test>\r\nTo: list@peer.test\r\nSubject: news\r\n\r\nhello\r\n"
 
-DSN = """From: MAILER-DAEMON@mx.peer.test\r
-To: {to}\r
-Subject: Undelivered Mail Returned to Sender\r
-MIME-Version: 1.0\r
-Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r
-\r
---B\r
-Content-Type: text/plain\r
-\r
-Delivery to some recipients failed.\r
---B\r
-Content-Type: message/delivery-status\r
-\r
-Reporting-MTA: dns; mx.peer.test\r
-\r
-Final-Recipient: rfc822; Gone@peer.test\r
-Action: failed\r
-Status: 5.1.1\r
-Diagnostic-Code: smtp; 550 5.1.1 user unknown\r
-\r
-Final-Recipient: rfc822; full@peer.test\r
-Action: failed\r
-Status: 4.2.2\r
-Diagnostic-Code: smtp; 452 4.2.2 mailbox full\r
-\r
---B\r
-Content-Type: text/rfc822-headers\r
-\r
-Message-ID: {message_id}\r
-From: alice@acme.test\r
-\r
---B--\r
-"""
-
-ARF = """From: fbl@peer.test\r
-To: {to}\r
-Subject: complaint\r
-MIME-Version: 1.0\r
-Content-Type: multipart/report; report-type=feedback-report; boundary="A"\r
-\r
---A\r
-Content-Type: text/plain\r
-\r
-This is an email abuse report.\r
---A\r
-Content-Type: message/feedback-report\r
-\r
-Feedback-Type: abuse\r
-User-Agent: fbl/1.0\r
-Version: 1\r
-Source-IP: 192.0.2.7\r
-Original-Rcpt-To: angry@peer.test\r
-\r
---A\r
-Content-Type: message/rfc822\r
-\r
-Message-ID: {message_id}\r
-From: alice@acme.test\r
-To: angry@peer.test\r
-\r
-hello\r
---A--\r
-"""
+REPORTED = [("Gone@peer.test", "failed", "5.1.1", "550 5.1.1 user unknown"),
+            ("full@peer.test", "failed", "4.2.2", "452 4.2.2 mailbox full")]
+"""The recipients the DSN reports: one hard bounce, one soft."""
 
 
 def prepare(tmp_path: Path, nexthop: tuple[str, int]) -> Path:
@@ -162,9 +103,9 @@ def test_bounces_and_complaints_suppress(setup: Any, tmp_path: Path) -> None:
         assert remote.rcpt(f"postmaster@{BOUNCE_DOMAIN}")[0] == 550
         assert remote.rcpt(f"bounces+{received['queue_id']}@{BOUNCE_DOMAIN}")[0] == 550
         remote.rset()
-        fields = {"to": first.sender, "message_id": received["message_id"]}
-        assert remote.sendmail("", [first.sender], DSN.format(**fields).encode()) == {}
-        assert remote.sendmail("", [first.sender], ARF.format(**fields).encode()) == {}
+        fields = {"to": first.sender, "message_id": received["message_id"], "original_from": "alice@acme.test"}
+        assert remote.sendmail("", [first.sender], dsn_report(**fields, recipients=REPORTED)) == {}
+        assert remote.sendmail("", [first.sender], arf_report(**fields)) == {}
 
     bounced = events(proc, "bounced", listener="mx")  # written before the 250: no wait needed
     assert sorted((e["recipients"][0], e["bounce_class"], e["status"], e["tenant"]) for e in bounced) == [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import pytest_asyncio
@@ -12,6 +13,7 @@ from dnsserver import DnsServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stsserver import HANG, STS_DOMAINS, PolicyServer, Reply, policy_text, sts_tls
+from support import Clock
 
 from mtad.deliver.mtasts import (
     MAX_AGE_LIMIT,
@@ -163,13 +165,6 @@ def test_mx_patterns(pattern: str, host: str, expected: bool) -> None:
 
 # --- fetch and cache against real servers ---------------------------------------------------
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 def zone(**txt: str) -> dict[str, dict[str, object]]:
     out: dict[str, dict[str, object]] = {}
@@ -188,21 +183,26 @@ async def servers() -> AsyncIterator[tuple[DnsServer, PolicyServer]]:
             yield dns, web
 
 
-def make(dns: DnsServer, web: PolicyServer, *, clock: Clock | None = None, ca: bool = True,
-         timeout: float = 5) -> tuple[MtaSts, Resolver]:
+@asynccontextmanager
+async def make(dns: DnsServer, web: PolicyServer, *, clock: Clock | None = None, ca: bool = True,
+               timeout: float = 5) -> AsyncIterator[MtaSts]:
+    """MtaSts on a resolver that asks `dns` and fetches from `web`; both closed on the way out."""
     resolver = Resolver([dns.address], 1.0, policy=CachePolicy(min_ttl=0))
     sts = MtaSts(resolver, port=web.port, ca_file=str(sts_tls().ca) if ca else "", timeout=timeout,
-                 clock=clock or Clock())
-    return sts, resolver
+                 clock=clock or Clock(1000.0))
+    try:
+        yield sts
+    finally:
+        await sts.close()
+        resolver.close()
 
 
 @pytest.mark.asyncio
 async def test_fetch_cache_and_refetch_on_id_change(servers: tuple[DnsServer, PolicyServer]) -> None:
     dns, web = servers
     web.policies["sts.test"] = policy_text("enforce", ["mx.peer.test"], max_age=3600)
-    clock = Clock()
-    sts, resolver = make(dns, web, clock=clock)
-    try:
+    clock = Clock(1000.0)
+    async with make(dns, web, clock=clock) as sts:
         policy = await sts.policy("sts.test")
         assert policy is not None and (policy.id, policy.mode, policy.mx) == ("1", "enforce", ("mx.peer.test",))
         # Within max_age and the same id: the cache answers, the TXT record is read again.
@@ -226,23 +226,16 @@ async def test_fetch_cache_and_refetch_on_id_change(servers: tuple[DnsServer, Po
         clock.now += 3601
         assert await sts.policy("sts.test") is None
         assert web.fetches["sts.test"] == 3
-    finally:
-        await sts.close()
-        resolver.close()
 
 
 @pytest.mark.asyncio
 async def test_concurrent_callers_share_one_fetch(servers: tuple[DnsServer, PolicyServer]) -> None:
     dns, web = servers
     web.policies["sts.test"] = policy_text("enforce", ["mx.peer.test"])
-    sts, resolver = make(dns, web)
-    try:
+    async with make(dns, web) as sts:
         policies = await asyncio.gather(*(sts.policy("sts.test") for _ in range(10)))
         assert all(p is not None and p.mode == "enforce" for p in policies)
         assert web.fetches["sts.test"] == 1 and sts.fetches == 1
-    finally:
-        await sts.close()
-        resolver.close()
 
 
 @pytest.mark.asyncio
@@ -261,9 +254,8 @@ async def test_fetch_failures_mean_no_policy_and_are_not_retried_at_once(
     dns, web = servers
     web.policies["sts.test"] = answer
     web.policies["other.test"] = policy_text("enforce", ["mx.peer.test"])
-    clock = Clock()
-    sts, resolver = make(dns, web, clock=clock, ca=ca, timeout=1)
-    try:
+    clock = Clock(1000.0)
+    async with make(dns, web, clock=clock, ca=ca, timeout=1) as sts:
         assert await sts.policy("sts.test") is None
         assert sts.fetches == 1 and web.fetches["other.test"] == 0  # no redirect followed
         assert await sts.policy("sts.test") is None
@@ -272,26 +264,19 @@ async def test_fetch_failures_mean_no_policy_and_are_not_retried_at_once(
         web.policies["sts.test"] = policy_text("enforce", ["mx.peer.test"])
         policy = await sts.policy("sts.test")
         assert sts.fetches == 2 and (policy is not None or not ca)
-    finally:
-        await sts.close()
-        resolver.close()
 
 
 @pytest.mark.asyncio
 async def test_failed_refresh_keeps_the_cached_policy(servers: tuple[DnsServer, PolicyServer]) -> None:
     dns, web = servers
     web.policies["sts.test"] = policy_text("enforce", ["mx.peer.test"])
-    sts, resolver = make(dns, web)
-    try:
+    async with make(dns, web) as sts:
         first = await sts.policy("sts.test")
         assert first is not None
         web.policies["sts.test"] = Reply(status=500)
         dns.zone["_mta-sts.sts.test"]["TXT"] = ["v=STSv1; id=2;"]
         assert await sts.policy("sts.test") == first
         assert web.fetches["sts.test"] == 2
-    finally:
-        await sts.close()
-        resolver.close()
 
 
 @pytest.mark.asyncio
@@ -299,12 +284,8 @@ async def test_no_txt_record_or_no_policy_host_means_no_policy(servers: tuple[Dn
     dns, web = servers
     dns.zone["_mta-sts.other.test"] = {"TXT": ["v=STSv1; id=1;", "v=STSv1; id=2;"], "TTL": 0}
     dns.zone["_mta-sts.nohost.test"] = {"TXT": ["v=STSv1; id=1;"], "TTL": 0}
-    sts, resolver = make(dns, web)
-    try:
+    async with make(dns, web) as sts:
         assert await sts.policy("nothing.test") is None
         assert await sts.policy("other.test") is None  # two records: none (RFC 8461 3.1)
         assert await sts.policy("nohost.test") is None  # mta-sts.nohost.test does not resolve
         assert sts.fetches == 1 and sum(web.fetches.values()) == 0
-    finally:
-        await sts.close()
-        resolver.close()

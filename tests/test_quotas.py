@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 
 import pytest
+from support import Clock
 
 from mtad.platform.model import Quota, Tenant
 from mtad.platform.quotas import QuotaTracker, window_start
@@ -17,13 +18,6 @@ def tenant(name: str = "acme", **quota: float) -> Tenant:
     return Tenant(name=name, domains=frozenset({"acme.test"}), disabled=False,
                   quota=Quota(**quota), created=T0)  # type: ignore[arg-type]
 
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def send(tracker: QuotaTracker, t: Tenant, count: int) -> int:

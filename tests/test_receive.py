@@ -11,7 +11,8 @@ import smtplib
 import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,12 +69,14 @@ class Running:
 @asynccontextmanager
 async def running(*, spool: Any = None, limits: Limits | None = None, domains: tuple[str, ...] = ("example.test",),
                   listeners: list[Listener] | None = None, tls_context: ssl.SSLContext | None = None,
-                  ingest: Any = None) -> AsyncIterator[Running]:
+                  ingest: Any = None, tenants: Any = None, quotas: Any = None,
+                  clock: Callable[[], float] = time.time) -> AsyncIterator[Running]:
+    """A Receiver on 127.0.0.1:0 (its first listener), a FakeSpool unless `spool` is given."""
     bus = EventBus()
     spool = spool if spool is not None else FakeSpool()
     rx = Receiver(listeners=listeners or [Listener(address="127.0.0.1:0")], limits=limits or Limits(),
                   inbound_domains=domains, hostname=HOSTNAME, ingest=ingest or Ingest(spool, bus, HOSTNAME),
-                  bus=bus, tls_context=tls_context)
+                  bus=bus, tls_context=tls_context, tenants=tenants, quotas=quotas, clock=clock)
     await rx.start()
     _, host, port = rx.bound()[0]
     run = Running(rx, host, port, spool=spool)
@@ -166,8 +169,13 @@ async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
 
 async def transaction(raw: Raw, *, sender: bytes = b"<s@origin.test>", rcpts: tuple[bytes, ...] = (b"<u@example.test>",),
                       body: bytes = b"Subject: t\r\n\r\nhello\r\n", ehlo: bool = True) -> bytes:
-    """One full transaction; returns the reply after the final dot."""
+    """EHLO (or HELO) and one full transaction; returns the reply after the final dot."""
     await raw.ask(b"EHLO client.test\r\n" if ehlo else b"HELO client.test\r\n", b"250")
+    return await send_mail(raw, sender, rcpts, body)
+
+
+async def send_mail(raw: Raw, sender: bytes, rcpts: tuple[bytes, ...], body: bytes) -> bytes:
+    """MAIL, RCPT each of `rcpts` (all must be accepted), DATA and the body; returns the reply after the dot."""
     await raw.ask(b"MAIL FROM:" + sender + b"\r\n", b"250 2.1.0")
     for rcpt in rcpts:
         await raw.ask(b"RCPT TO:" + rcpt + b"\r\n", b"250 2.1.5")

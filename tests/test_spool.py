@@ -17,6 +17,7 @@ import lmdb
 import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
+from support import Clock
 
 from mtad.records import Envelope, Recipient, new_queue_id
 from mtad.spool import RecoveryReport, Spool, SpoolError, codec
@@ -24,13 +25,6 @@ from mtad.spool.writes import hold_recipients
 
 NOW = 1_800_000_000.0
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def envelope(queue_id: str | None = None, *, arrival: float = NOW, size: int = 5) -> Envelope:
@@ -44,7 +38,7 @@ def rcpts(*addresses: str, **fields: object) -> list[Recipient]:
 
 @pytest_asyncio.fixture
 async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
-    opened = Spool.open(str(tmp_path / "spool"), map_size=64 * 1024**2, clock=Clock())
+    opened = Spool.open(str(tmp_path / "spool"), map_size=64 * 1024**2, clock=Clock(NOW))
     try:
         yield opened
     finally:
@@ -118,7 +112,7 @@ async def _store_all(spool: Spool, ids: list[str]) -> None:
 
 @pytest.mark.asyncio
 async def test_hold_release_delete(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(NOW)
     spool = Spool.open(str(tmp_path / "spool"), map_size=64 * 1024**2, clock=clock)
     try:
         env = envelope()

@@ -29,8 +29,9 @@ from typing import Any
 import msgspec
 import pytest
 from harness import MtadProcess, wait_for, write_config
-from test_auth import PASSWORD, USER, Clock, plain_login, secure, submission, tenant_dir  # noqa: F401
-from test_receive import QUEUED, tls_context  # noqa: F401
+from support import Clock
+from test_auth import PASSWORD, USER, plain_login, secure, submission, tenant_dir  # noqa: F401
+from test_receive import QUEUED, send_mail, tls_context  # noqa: F401
 
 from mtad.config.schema import Limits
 from mtad.platform.model import Quota
@@ -39,15 +40,6 @@ from mtad.platform.tenants import TenantDirectory
 from mtad.spool import Spool
 
 MESSAGE = b"From: Alice <alice@acme.test>\r\nTo: x@elsewhere.test\r\nSubject: hi\r\n\r\nhello\r\n"
-
-
-async def send(raw: Any, sender: bytes, rcpts: tuple[bytes, ...], body: bytes) -> bytes:
-    await raw.ask(b"MAIL FROM:" + sender + b"\r\n", b"250 2.1.0")
-    for rcpt in rcpts:
-        await raw.ask(b"RCPT TO:" + rcpt + b"\r\n", b"250 2.1.5")
-    await raw.ask(b"DATA\r\n", b"354 ")
-    await raw.send(body + b".\r\n")
-    return await raw.reply()
 
 
 # -- in-process: sender rights and quotas ------------------------------------------------------
@@ -65,14 +57,14 @@ async def test_sender_rights(tls_context: ssl.SSLContext, tenant_dir: TenantDire
         await raw.ask(b"MAIL FROM:<x@[127.0.0.1]>\r\n", not_owned)
         await raw.ask(b"MAIL FROM:<>\r\n", b"553 5.7.1 Null sender not allowed on submission\r\n")
         # a subdomain is owned; any recipient domain is fine (relay for the authenticated)
-        assert QUEUED.fullmatch(await send(raw, b"<news@mail.ACME.test>", (b"<x@elsewhere.test>",), MESSAGE))
+        assert QUEUED.fullmatch(await send_mail(raw, b"<news@mail.ACME.test>", (b"<x@elsewhere.test>",), MESSAGE))
         forged_from = b"553 5.7.1 From header address not owned by this account\r\n"
         for header in (b"From: boss@other.test", b"From: a@acme.test, b@other.test", b"From: nobody",
                        b"From: undisclosed:;", b"X-Note: no from at all"):
             body = header + b"\r\nSubject: x\r\n\r\nbody\r\n"
-            assert await send(raw, b"<a@acme.test>", (b"<x@elsewhere.test>",), body) == forged_from, header
+            assert await send_mail(raw, b"<a@acme.test>", (b"<x@elsewhere.test>",), body) == forged_from, header
         folded = b"From: Alice\r\n <alice@acme.test>\r\nFrom: =?utf-8?q?B=C3=B6b?= <bob@sub.acme.test>\r\n\r\nx\r\n"
-        assert QUEUED.fullmatch(await send(raw, b"<a@acme.test>", (b"<x@elsewhere.test>",), folded))
+        assert QUEUED.fullmatch(await send_mail(raw, b"<a@acme.test>", (b"<x@elsewhere.test>",), folded))
     stored = [(envelope.tenant, envelope.listener, envelope.sender) for envelope, _, _ in rx.spool.stored]
     assert stored == [("acme", "submission", "news@mail.acme.test"), ("acme", "submission", "a@acme.test")]
     assert {e.tenant for e in rx.of_type("received")} == {"acme"}
@@ -101,11 +93,11 @@ async def test_tenant_quotas(tls_context: ssl.SSLContext, tmp_path: Path) -> Non
             await raw.ask(b"DATA\r\n", b"354 ")
             await raw.send(MESSAGE + b"x" * 2000 + b"\r\n.\r\n")  # SIZE= lied: refused at the dot
             await raw.expect(b"552 5.3.4 Message size exceeds fixed limit\r\n")
-            assert QUEUED.fullmatch(await send(raw, b"<a@acme.test>", (b"<x@one.test>",), MESSAGE))
+            assert QUEUED.fullmatch(await send_mail(raw, b"<a@acme.test>", (b"<x@one.test>",), MESSAGE))
             refused = await raw.ask(b"MAIL FROM:<a@acme.test>\r\n", b"451 4.7.1 ")
             assert b"per second" in refused, refused
             clock.now += 1.0  # the bucket refills
-            assert QUEUED.fullmatch(await send(raw, b"<a@acme.test>", (b"<x@one.test>",), MESSAGE))
+            assert QUEUED.fullmatch(await send_mail(raw, b"<a@acme.test>", (b"<x@one.test>",), MESSAGE))
             await raw.ask(b"MAIL FROM:<a@acme.test>\r\n", b"451 4.7.1 ")
     finally:
         await tenants.close()

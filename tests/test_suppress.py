@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from support import Clock, arf_report, dsn_report
 
 from mtad.events import Event, EventBus
 from mtad.ingest import Ingest, Submission
@@ -34,13 +36,6 @@ QID = "0123456789abcdef012345"
 VERP = Verp("bounce.test", b"k" * 32)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @pytest_asyncio.fixture
 async def store(tmp_path: Path) -> Any:
@@ -50,6 +45,24 @@ async def store(tmp_path: Path) -> Any:
         yield suppressions, clock
     finally:
         await suppressions.close()
+
+
+@pytest_asyncio.fixture
+async def sent(store: Any, tmp_path: Path) -> AsyncIterator[SentLog]:
+    """The sent log in the same state.db, on the store's clock."""
+    log = await SentLog.open(str(tmp_path / "state.db"), clock=store[1])
+    try:
+        yield log
+    finally:
+        await log.close()
+
+
+def recording_bus() -> tuple[EventBus, list[Event]]:
+    """An event bus and the list every event it publishes is appended to."""
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    return bus, events
 
 
 def test_addresses_and_expiry_parsing() -> None:
@@ -151,81 +164,21 @@ async def test_sent_log_batches_received_events(tmp_path: Path) -> None:
         await sent.close()
 
 
-DSN = b"""From: MAILER-DAEMON@mx.peer.test\r
-To: {to}\r
-Subject: Undelivered Mail Returned to Sender\r
-MIME-Version: 1.0\r
-Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r
-\r
---B\r
-Content-Type: text/plain\r
-\r
-Delivery to some recipients failed.\r
---B\r
-Content-Type: message/delivery-status\r
-\r
-Reporting-MTA: dns; mx.peer.test\r
-\r
-Final-Recipient: rfc822; Gone@peer.test\r
-Action: failed\r
-Status: 5.1.1\r
-Diagnostic-Code: smtp; 550 5.1.1 user unknown\r
-\r
-Final-Recipient: rfc822; full@peer.test\r
-Action: failed\r
-Status: 4.2.2\r
-Diagnostic-Code: smtp; 452 4.2.2 mailbox full\r
-\r
-Final-Recipient: rfc822; slow@peer.test\r
-Action: delayed\r
-Status: 4.4.1\r
-\r
-Final-Recipient: rfc822; stranger@peer.test\r
-Action: failed\r
-Status: 5.1.1\r
-\r
---B\r
-Content-Type: text/rfc822-headers\r
-\r
-Message-ID: <m1@acme.test>\r
-From: a@acme.test\r
-\r
---B--\r
-"""
-
-ARF = b"""From: fbl@peer.test\r
-To: {to}\r
-Subject: complaint about message from 192.0.2.7\r
-MIME-Version: 1.0\r
-Content-Type: multipart/report; report-type=feedback-report; boundary="A"\r
-\r
---A\r
-Content-Type: text/plain\r
-\r
-This is an email abuse report.\r
---A\r
-Content-Type: message/feedback-report\r
-\r
-Feedback-Type: abuse\r
-User-Agent: fbl/1.0\r
-Version: 1\r
-Source-IP: 192.0.2.7\r
-Original-Rcpt-To: angry@peer.test\r
-\r
---A\r
-Content-Type: message/rfc822\r
-\r
-Message-ID: <m1@acme.test>\r
-From: a@acme.test\r
-To: angry@peer.test\r
-\r
-hi\r
---A--\r
-"""
+DSN_RECIPIENTS = [("Gone@peer.test", "failed", "5.1.1", "550 5.1.1 user unknown"),
+                  ("full@peer.test", "failed", "4.2.2", "452 4.2.2 mailbox full"),
+                  ("slow@peer.test", "delayed", "4.4.1", ""), ("stranger@peer.test", "failed", "5.1.1", "")]
 
 
-def report(template: bytes, queue_id: str = QID) -> bytes:
-    return template.replace(b"{to}", VERP.address(queue_id).encode())
+def dsn() -> bytes:
+    """A DSN to the VERP address of QID about <m1@acme.test>: hard, soft, delayed, not ours."""
+    return dsn_report(to=VERP.address(QID), message_id="<m1@acme.test>", original_from="a@acme.test",
+                      recipients=DSN_RECIPIENTS)
+
+
+def arf() -> bytes:
+    """A complaint by angry@peer.test to the VERP address of QID about <m1@acme.test>."""
+    return arf_report(to=VERP.address(QID), message_id="<m1@acme.test>", original_from="a@acme.test",
+                      subject="complaint about message from 192.0.2.7", original_body="hi")
 
 
 class MemorySpool:
@@ -237,81 +190,68 @@ class MemorySpool:
 
 
 @pytest.mark.asyncio
-async def test_feedback_attributes_reports_and_ingest_consumes_them(store: Any, tmp_path: Path) -> None:
+async def test_feedback_attributes_reports_and_ingest_consumes_them(store: Any, sent: SentLog) -> None:
     suppressions, clock = store
-    sent = await SentLog.open(str(tmp_path / "state.db"), clock=clock)
-    bus = EventBus()
-    events: list[Event] = []
-    bus.subscribe(events.append)
+    bus, events = recording_bus()
     bus.subscribe(sent)
-    try:
-        bus.publish(Event(type="received", time=clock.now, queue_id=QID, sender="a@acme.test", tenant="acme",
-                          recipients=["Gone@peer.test", "full@peer.test", "slow@peer.test", "angry@peer.test"],
-                          message_id="<m1@acme.test>", listener="submission"))
-        await sent.flush()
-        feedback = Feedback(VERP, sent, suppressions, bus, clock=clock)
-        spool = MemorySpool()
-        ingest = Ingest(spool, bus, "mx.test", clock=clock, feedback=feedback, suppressions=suppressions)
-        verp_rcpt = [Recipient(address=VERP.address(QID))]
-        for body in (report(DSN), report(ARF)):
-            await ingest.accept(Submission(sender="", recipients=verp_rcpt, body=body, listener="mx",
-                                           client_address="192.0.2.9"))
-        assert spool.stored == []  # consumed, never queued
-        bounced = [e for e in events if e.type == "bounced"]
-        assert [(e.recipients, e.bounce_class, e.status, e.reason, e.tenant) for e in bounced] == [
-            (["Gone@peer.test"], "hard", "5.1.1", "userunknown", "acme"),
-            (["full@peer.test"], "soft", "4.2.2", "mailboxfull", "acme")]
-        assert bounced[0].message_id == "<m1@acme.test>" and bounced[0].reply == "550 5.1.1 user unknown"
-        (complained,) = [e for e in events if e.type == "complained"]
-        assert (complained.recipients, complained.feedback_type, complained.source_ip, complained.tenant) == (
-            ["angry@peer.test"], "abuse", "192.0.2.7", "acme")
-        assert {e.address: e.reason for e in await suppressions.entries("acme")} == {
-            "Gone@peer.test": "hard-bounce", "angry@peer.test": "complaint"}  # stranger: not our recipient
-        assert await suppressions.soft_count("acme", "full@peer.test") == 1
-        # the next message of acme to them: suppressed recipients dropped, the rest queued
-        events.clear()
-        rcpts = [Recipient(address=a) for a in ("Gone@peer.test", "angry@peer.test", "full@peer.test")]
-        queue_id = await ingest.accept(Submission(sender="a@acme.test", recipients=rcpts, body=b"Subject: x\r\n\r\nx\r\n",
-                                                  listener="submission", tenant="acme"))
-        (stored,) = spool.stored
-        assert stored[0].id == queue_id and [r.address for r in stored[1]] == ["full@peer.test"]
-        dropped = [(e.recipients, e.reason, e.queue_id) for e in events if e.type == "dropped"]
-        assert dropped == [(["Gone@peer.test"], "suppressed: hard-bounce", queue_id),
-                           (["angry@peer.test"], "suppressed: complaint", queue_id)]
-        # all suppressed: acknowledged with a queue id, nothing stored, no received event
-        events.clear()
-        await ingest.accept(Submission(sender="a@acme.test", recipients=rcpts[:1], body=b"\r\nx\r\n",
-                                       listener="submission", tenant="acme"))
-        assert len(spool.stored) == 1 and [e.type for e in events] == ["dropped"]
-        # another tenant's mail is not affected by acme's list
-        await ingest.accept(Submission(sender="a@o.test", recipients=rcpts[:1], body=b"\r\nx\r\n",
-                                       listener="submission", tenant="other"))
-        assert len(spool.stored) == 2
-    finally:
-        await sent.close()
+    bus.publish(Event(type="received", time=clock.now, queue_id=QID, sender="a@acme.test", tenant="acme",
+                      recipients=["Gone@peer.test", "full@peer.test", "slow@peer.test", "angry@peer.test"],
+                      message_id="<m1@acme.test>", listener="submission"))
+    await sent.flush()
+    feedback = Feedback(VERP, sent, suppressions, bus, clock=clock)
+    spool = MemorySpool()
+    ingest = Ingest(spool, bus, "mx.test", clock=clock, feedback=feedback, suppressions=suppressions)
+    verp_rcpt = [Recipient(address=VERP.address(QID))]
+    for body in (dsn(), arf()):
+        await ingest.accept(Submission(sender="", recipients=verp_rcpt, body=body, listener="mx",
+                                       client_address="192.0.2.9"))
+    assert spool.stored == []  # consumed, never queued
+    bounced = [e for e in events if e.type == "bounced"]
+    assert [(e.recipients, e.bounce_class, e.status, e.reason, e.tenant) for e in bounced] == [
+        (["Gone@peer.test"], "hard", "5.1.1", "userunknown", "acme"),
+        (["full@peer.test"], "soft", "4.2.2", "mailboxfull", "acme")]
+    assert bounced[0].message_id == "<m1@acme.test>" and bounced[0].reply == "550 5.1.1 user unknown"
+    (complained,) = [e for e in events if e.type == "complained"]
+    assert (complained.recipients, complained.feedback_type, complained.source_ip, complained.tenant) == (
+        ["angry@peer.test"], "abuse", "192.0.2.7", "acme")
+    assert {e.address: e.reason for e in await suppressions.entries("acme")} == {
+        "Gone@peer.test": "hard-bounce", "angry@peer.test": "complaint"}  # stranger: not our recipient
+    assert await suppressions.soft_count("acme", "full@peer.test") == 1
+    # the next message of acme to them: suppressed recipients dropped, the rest queued
+    events.clear()
+    rcpts = [Recipient(address=a) for a in ("Gone@peer.test", "angry@peer.test", "full@peer.test")]
+    queue_id = await ingest.accept(Submission(sender="a@acme.test", recipients=rcpts, body=b"Subject: x\r\n\r\nx\r\n",
+                                              listener="submission", tenant="acme"))
+    (stored,) = spool.stored
+    assert stored[0].id == queue_id and [r.address for r in stored[1]] == ["full@peer.test"]
+    dropped = [(e.recipients, e.reason, e.queue_id) for e in events if e.type == "dropped"]
+    assert dropped == [(["Gone@peer.test"], "suppressed: hard-bounce", queue_id),
+                       (["angry@peer.test"], "suppressed: complaint", queue_id)]
+    # all suppressed: acknowledged with a queue id, nothing stored, no received event
+    events.clear()
+    await ingest.accept(Submission(sender="a@acme.test", recipients=rcpts[:1], body=b"\r\nx\r\n",
+                                   listener="submission", tenant="acme"))
+    assert len(spool.stored) == 1 and [e.type for e in events] == ["dropped"]
+    # another tenant's mail is not affected by acme's list
+    await ingest.accept(Submission(sender="a@o.test", recipients=rcpts[:1], body=b"\r\nx\r\n",
+                                   listener="submission", tenant="other"))
+    assert len(spool.stored) == 2
 
 
 @pytest.mark.asyncio
-async def test_unknown_message_is_reported_not_suppressed(store: Any, tmp_path: Path) -> None:
+async def test_unknown_message_is_reported_not_suppressed(store: Any, sent: SentLog) -> None:
     suppressions, clock = store
-    sent = await SentLog.open(str(tmp_path / "state.db"), clock=clock)
-    bus = EventBus()
-    events: list[Event] = []
-    bus.subscribe(events.append)
-    try:
-        feedback = Feedback(VERP, sent, suppressions, bus, clock=clock)
-        assert await feedback.consume(report(DSN), [QID]) == 3  # gone, full, stranger (delayed: logged)
-        assert {e.tenant for e in events} == {""} and await suppressions.entries() == []
-        assert await feedback.consume(b"Subject: hello\r\n\r\njust a reply\r\n", [QID]) == 0
-        assert await feedback.consume(b"\x00\xff" * 1000, [QID]) == 0
-    finally:
-        await sent.close()
+    bus, events = recording_bus()
+    feedback = Feedback(VERP, sent, suppressions, bus, clock=clock)
+    assert await feedback.consume(dsn(), [QID]) == 3  # gone, full, stranger (delayed: logged)
+    assert {e.tenant for e in events} == {""} and await suppressions.entries() == []
+    assert await feedback.consume(b"Subject: hello\r\n\r\njust a reply\r\n", [QID]) == 0
+    assert await feedback.consume(b"\x00\xff" * 1000, [QID]) == 0
 
 
 @pytest.mark.asyncio
-async def test_own_delivery_bounces_feed_the_policy(store: Any, tmp_path: Path) -> None:
+async def test_own_delivery_bounces_feed_the_policy(store: Any, sent: SentLog) -> None:
     suppressions, clock = store
-    sent = await SentLog.open(str(tmp_path / "state.db"), clock=clock)
     worker = DeliveryBounces(sent, suppressions)
     task = asyncio.create_task(worker.run())
     try:
@@ -329,7 +269,6 @@ async def test_own_delivery_bounces_feed_the_policy(store: Any, tmp_path: Path) 
     finally:
         worker.stop()
         await task
-        await sent.close()
 
 
 @pytest.mark.asyncio

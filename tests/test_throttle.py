@@ -9,7 +9,8 @@ import ssl
 import time
 
 import pytest
-from test_auth import PASSWORD, USER, Clock, plain_login, secure, submission, tenant_dir  # noqa: F401
+from support import Clock
+from test_auth import PASSWORD, USER, plain_login, secure, submission, tenant_dir  # noqa: F401
 from test_receive import Raw, tls_context  # noqa: F401
 
 from mtad.config.schema import Duration, Limits

@@ -7,7 +7,7 @@ from __future__ import annotations
 import smtplib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import pytest_asyncio
@@ -43,12 +43,18 @@ def mails(peer: Peer) -> int:
 class Setup:
     """OutboundTls from a config text, with a resolver on the test DNS server."""
 
-    def __init__(self, tmp_path: Path, text: str, dns: DnsServer | None = None) -> None:
+    def __init__(self, tmp_path: Path, text: str, dns: DnsServer | None = None, *, idle_timeout: float = 0) -> None:
         self.cfg = loads_config(text, base_dir=tmp_path)
         nameservers = [dns.address] if dns else ["127.0.0.1:9"]
         self.resolver = Resolver(nameservers, 1.0, policy=CachePolicy(min_ttl=0))
         self.tls = OutboundTls(self.cfg, self.resolver)
-        self.pool = Pool(SETTINGS, idle_timeout=0, max_messages=100)
+        self.pool = Pool(SETTINGS, idle_timeout=idle_timeout, max_messages=100)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def send(self, hops: list[NextHop], *addresses: str, key: str = "") -> AttemptResult:
         recipients = [Recipient(address=a) for a in addresses]
@@ -78,8 +84,7 @@ def policies(*pairs: tuple[str, str]) -> str:
 
 @pytest.mark.asyncio
 async def test_require_defers_without_starttls_and_delivers_with_it(tmp_path: Path) -> None:
-    setup = Setup(tmp_path, policies(("dst.test", "require")) + NO_STS)
-    try:
+    async with Setup(tmp_path, policies(("dst.test", "require")) + NO_STS) as setup:
         async with Peer() as plain:
             result = await setup.send([hop(plain)], "a@dst.test")
             assert only(result) == ("deferred", "4.7.4", "starttls")
@@ -89,43 +94,33 @@ async def test_require_defers_without_starttls_and_delivers_with_it(tmp_path: Pa
             assert only(result) == ("delivered", "2.0.0", "dot")
             [txn] = secure.transactions
             assert txn.tls  # any certificate will do under require
-    finally:
-        await setup.close()
 
 
 @pytest.mark.asyncio
 async def test_verify_needs_a_trusted_chain_and_the_host_name(tmp_path: Path) -> None:
-    setup = Setup(tmp_path, policies(("dst.test", "verify")) + CA + NO_STS)
-    untrusted = Setup(tmp_path, policies(("dst.test", "verify")) + NO_STS)  # system CAs only
-    try:
-        async with Peer(starttls=True) as peer:
-            assert only(await setup.send([hop(peer)], "a@dst.test")) == ("delivered", "2.0.0", "dot")
-            assert peer.transactions[0].tls
-            wrong = await setup.send([hop(peer, host="wrong.peer.test")], "a@dst.test")
-            assert only(wrong) == ("deferred", "4.7.5", "starttls")
-            assert "certificate" in wrong.outcomes[0].reply
-            assert only(await untrusted.send([hop(peer)], "a@dst.test")) == ("deferred", "4.7.5", "starttls")
-            assert len(peer.transactions) == 1
-    finally:
-        await setup.close()
-        await untrusted.close()
+    async with (Setup(tmp_path, policies(("dst.test", "verify")) + CA + NO_STS) as setup,
+                Setup(tmp_path, policies(("dst.test", "verify")) + NO_STS) as untrusted,  # system CAs only
+                Peer(starttls=True) as peer):
+        assert only(await setup.send([hop(peer)], "a@dst.test")) == ("delivered", "2.0.0", "dot")
+        assert peer.transactions[0].tls
+        wrong = await setup.send([hop(peer, host="wrong.peer.test")], "a@dst.test")
+        assert only(wrong) == ("deferred", "4.7.5", "starttls")
+        assert "certificate" in wrong.outcomes[0].reply
+        assert only(await untrusted.send([hop(peer)], "a@dst.test")) == ("deferred", "4.7.5", "starttls")
+        assert len(peer.transactions) == 1
 
 
 @pytest.mark.asyncio
 async def test_default_policy_own_policy_and_the_strictest_on_a_shared_route(tmp_path: Path) -> None:
     text = policies(("*", "require"), ("open.test", "opportunistic"), ("strict.test", "verify")) + CA + NO_STS
-    setup = Setup(tmp_path, text)
-    try:
-        async with Peer() as plain:
-            assert only(await setup.send([hop(plain)], "a@any.test"))[1] == "4.7.4"  # "*" says require
-            assert only(await setup.send([hop(plain)], "a@open.test"))[0] == "delivered"
-            # One batch on a static route for two domains: the stricter policy holds for both.
-            route = f"[{plain.host}]:{plain.port}"
-            mixed = await setup.send([hop(plain)], "a@open.test", "b@strict.test", key=route)
-            assert only(mixed)[:2] == ("deferred", "4.7.4")
-            assert len(plain.transactions) == 1
-    finally:
-        await setup.close()
+    async with Setup(tmp_path, text) as setup, Peer() as plain:
+        assert only(await setup.send([hop(plain)], "a@any.test"))[1] == "4.7.4"  # "*" says require
+        assert only(await setup.send([hop(plain)], "a@open.test"))[0] == "delivered"
+        # One batch on a static route for two domains: the stricter policy holds for both.
+        route = f"[{plain.host}]:{plain.port}"
+        mixed = await setup.send([hop(plain)], "a@open.test", "b@strict.test", key=route)
+        assert only(mixed)[:2] == ("deferred", "4.7.4")
+        assert len(plain.transactions) == 1
 
 
 # --- MTA-STS ---------------------------------------------------------------------------------
@@ -150,8 +145,7 @@ async def test_enforce_uses_only_matching_mx_and_verified_tls(tmp_path: Path,
                                                             sts: tuple[DnsServer, PolicyServer]) -> None:
     dns, web = sts
     web.policies["sts.test"] = policy_text("enforce", ["mx.peer.test"])
-    setup = Setup(tmp_path, sts_config(web), dns)
-    try:
+    async with Setup(tmp_path, sts_config(web), dns) as setup:
         async with Peer() as other, Peer(starttls=True) as secure:
             # The preferred MX is not in the policy: never contacted.
             result = await setup.send([hop(other, host="mx.other.test"), hop(secure)], "a@sts.test")
@@ -162,8 +156,6 @@ async def test_enforce_uses_only_matching_mx_and_verified_tls(tmp_path: Path,
             assert only(result)[:2] == ("deferred", "4.7.5") and "MTA-STS" in result.outcomes[0].reply
             assert other.connections == []
         assert web.fetches["sts.test"] == 1  # the second attempt used the cached policy
-    finally:
-        await setup.close()
 
 
 @pytest.mark.asyncio
@@ -171,16 +163,13 @@ async def test_enforce_tls_failures_defer_and_never_fall_back(tmp_path: Path,
                                                               sts: tuple[DnsServer, PolicyServer]) -> None:
     dns, web = sts
     web.policies["sts.test"] = policy_text("enforce", ["*.peer.test"])
-    setup = Setup(tmp_path, sts_config(web), dns)
-    try:
-        async with Peer() as plain, Peer(starttls=True, tls_broken=True) as broken, Peer(starttls=True) as secure:
-            for peer, host in ((plain, "mx.peer.test"), (broken, "mx.peer.test"), (secure, "other.peer.test")):
-                result = await setup.send([hop(peer, host=host)], "a@sts.test")
-                assert only(result) == ("deferred", "4.7.5", "starttls"), (host, result)
-                assert "MTA-STS policy of sts.test" in result.outcomes[0].reply
-                assert mails(peer) == 0 and len(peer.connections) == 1  # no plaintext retry
-    finally:
-        await setup.close()
+    async with (Setup(tmp_path, sts_config(web), dns) as setup,
+                Peer() as plain, Peer(starttls=True, tls_broken=True) as broken, Peer(starttls=True) as secure):
+        for peer, host in ((plain, "mx.peer.test"), (broken, "mx.peer.test"), (secure, "other.peer.test")):
+            result = await setup.send([hop(peer, host=host)], "a@sts.test")
+            assert only(result) == ("deferred", "4.7.5", "starttls"), (host, result)
+            assert "MTA-STS policy of sts.test" in result.outcomes[0].reply
+            assert mails(peer) == 0 and len(peer.connections) == 1  # no plaintext retry
 
 
 @pytest.mark.asyncio
@@ -188,27 +177,23 @@ async def test_testing_mode_delivers_and_logs_what_enforce_would_refuse(
         tmp_path: Path, sts: tuple[DnsServer, PolicyServer]) -> None:
     dns, web = sts
     web.policies["sts.test"] = policy_text("testing", ["mx.peer.test"])
-    setup = Setup(tmp_path, sts_config(web), dns)
-    try:
-        async with Peer() as plain, Peer(starttls=True) as secure:
-            with structlog.testing.capture_logs() as logs:
-                result = await setup.send([hop(plain)], "a@sts.test", "b@sts.test")
-            assert [o.kind for o in result.outcomes] == ["delivered", "delivered"]
-            assert not plain.transactions[0].tls and plain.transactions[0].recipients == ["a@sts.test", "b@sts.test"]
-            [record] = [r for r in logs if r["event"] == "mta_sts.testing_failure"]
-            assert record["domain"] == "sts.test" and "STARTTLS" in record["failure"]
-            # An MX the policy does not name: logged, delivered all the same.
-            with structlog.testing.capture_logs() as logs:
-                result = await setup.send([hop(plain, host="mx.other.test")], "a@sts.test")
-            assert only(result)[0] == "delivered"
-            assert any(r["event"] == "mta_sts.testing_failure" and "mx.other.test" in r["failure"] for r in logs)
-            # A domain that keeps its policy: one pass, one connection, nothing logged.
-            with structlog.testing.capture_logs() as logs:
-                result = await setup.send([hop(secure)], "a@sts.test")
-            assert only(result)[0] == "delivered" and secure.transactions[0].tls and len(secure.connections) == 1
-            assert not [r for r in logs if r["event"] == "mta_sts.testing_failure"]
-    finally:
-        await setup.close()
+    async with Setup(tmp_path, sts_config(web), dns) as setup, Peer() as plain, Peer(starttls=True) as secure:
+        with structlog.testing.capture_logs() as logs:
+            result = await setup.send([hop(plain)], "a@sts.test", "b@sts.test")
+        assert [o.kind for o in result.outcomes] == ["delivered", "delivered"]
+        assert not plain.transactions[0].tls and plain.transactions[0].recipients == ["a@sts.test", "b@sts.test"]
+        [record] = [r for r in logs if r["event"] == "mta_sts.testing_failure"]
+        assert record["domain"] == "sts.test" and "STARTTLS" in record["failure"]
+        # An MX the policy does not name: logged, delivered all the same.
+        with structlog.testing.capture_logs() as logs:
+            result = await setup.send([hop(plain, host="mx.other.test")], "a@sts.test")
+        assert only(result)[0] == "delivered"
+        assert any(r["event"] == "mta_sts.testing_failure" and "mx.other.test" in r["failure"] for r in logs)
+        # A domain that keeps its policy: one pass, one connection, nothing logged.
+        with structlog.testing.capture_logs() as logs:
+            result = await setup.send([hop(secure)], "a@sts.test")
+        assert only(result)[0] == "delivered" and secure.transactions[0].tls and len(secure.connections) == 1
+        assert not [r for r in logs if r["event"] == "mta_sts.testing_failure"]
 
 
 @pytest.mark.asyncio
@@ -216,19 +201,15 @@ async def test_fetch_failure_or_static_route_means_opportunistic(tmp_path: Path,
                                                                  sts: tuple[DnsServer, PolicyServer]) -> None:
     dns, web = sts
     web.policies["sts.test"] = Reply(status=500)
-    setup = Setup(tmp_path, sts_config(web), dns)
-    try:
-        async with Peer() as plain:
-            assert only(await setup.send([hop(plain)], "a@sts.test"))[0] == "delivered"
-            assert web.fetches["sts.test"] == 1 and not plain.transactions[0].tls
-            # A static route ("[host]:port" key) is the operator's choice: no MTA-STS lookup.
-            web.policies["sts.test"] = policy_text("enforce", ["nothing.example"])
-            txt = dns.count("_mta-sts.sts.test", "TXT")
-            route = f"[{plain.host}]:{plain.port}"
-            assert only(await setup.send([hop(plain)], "a@sts.test", key=route))[0] == "delivered"
-            assert dns.count("_mta-sts.sts.test", "TXT") == txt and web.fetches["sts.test"] == 1
-    finally:
-        await setup.close()
+    async with Setup(tmp_path, sts_config(web), dns) as setup, Peer() as plain:
+        assert only(await setup.send([hop(plain)], "a@sts.test"))[0] == "delivered"
+        assert web.fetches["sts.test"] == 1 and not plain.transactions[0].tls
+        # A static route ("[host]:port" key) is the operator's choice: no MTA-STS lookup.
+        web.policies["sts.test"] = policy_text("enforce", ["nothing.example"])
+        txt = dns.count("_mta-sts.sts.test", "TXT")
+        route = f"[{plain.host}]:{plain.port}"
+        assert only(await setup.send([hop(plain)], "a@sts.test", key=route))[0] == "delivered"
+        assert dns.count("_mta-sts.sts.test", "TXT") == txt and web.fetches["sts.test"] == 1
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -322,17 +303,12 @@ async def test_a_pooled_plaintext_connection_never_serves_an_enforced_attempt(
         tmp_path: Path, sts: tuple[DnsServer, PolicyServer]) -> None:
     dns, web = sts
     web.policies["sts.test"] = Reply(status=500)
-    setup = Setup(tmp_path, sts_config(web), dns)
-    setup.pool = Pool(SETTINGS, idle_timeout=30, max_messages=100)
-    try:
-        async with Peer() as plain:
-            assert only(await setup.send([hop(plain)], "a@sts.test"))[0] == "delivered"
-            assert setup.pool.idle("sts.test") == 1  # kept for reuse
-            # The domain publishes an enforce policy under a new id: the idle plaintext
-            # connection must not carry its mail.
-            web.policies["sts.test"] = policy_text("enforce", ["mx.peer.test"])
-            dns.zone["_mta-sts.sts.test"]["TXT"] = ["v=STSv1; id=2;"]
-            assert only(await setup.send([hop(plain)], "a@sts.test"))[:2] == ("deferred", "4.7.5")
-            assert mails(plain) == 1
-    finally:
-        await setup.close()
+    async with Setup(tmp_path, sts_config(web), dns, idle_timeout=30) as setup, Peer() as plain:
+        assert only(await setup.send([hop(plain)], "a@sts.test"))[0] == "delivered"
+        assert setup.pool.idle("sts.test") == 1  # kept for reuse
+        # The domain publishes an enforce policy under a new id: the idle plaintext
+        # connection must not carry its mail.
+        web.policies["sts.test"] = policy_text("enforce", ["mx.peer.test"])
+        dns.zone["_mta-sts.sts.test"]["TXT"] = ["v=STSv1; id=2;"]
+        assert only(await setup.send([hop(plain)], "a@sts.test"))[:2] == ("deferred", "4.7.5")
+        assert mails(plain) == 1

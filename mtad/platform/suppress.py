@@ -239,12 +239,9 @@ class SuppressionList:
     async def record_bounce(self, tenant: str, address: str, bounce_class: str, source: str) -> Suppression | None:
         """A failed recipient of `tenant`'s mail: suppress it when the policy says so (the entry
         is returned), count a soft bounce; nothing for other classes or an already suppressed one."""
-        try:
-            address = normalize_address(address)
-        except SuppressionError:
+        if (normalized := self._not_yet_suppressed(tenant, address)) is None:
             return None
-        if self.suppressed(tenant, address) is not None:
-            return None
+        address = normalized
         policy = self.policy
         now = self._clock()
         if bounce_class == "hard" and policy.hard_bounce:
@@ -266,17 +263,19 @@ class SuppressionList:
         return entry
 
     async def record_complaint(self, tenant: str, address: str, source: str) -> Suppression | None:
-        if not self.policy.complaint:
+        if not self.policy.complaint or (normalized := self._not_yet_suppressed(tenant, address)) is None:
             return None
+        (entry,) = await self.add_many([(normalized, COMPLAINT, self.policy.expiry(self._clock()))], tenant=tenant,
+                                       source=source)
+        return entry
+
+    def _not_yet_suppressed(self, tenant: str, address: str) -> str | None:
+        """`address` normalized; None when it is no address or already suppressed for `tenant`."""
         try:
             address = normalize_address(address)
         except SuppressionError:
             return None
-        if self.suppressed(tenant, address) is not None:
-            return None
-        (entry,) = await self.add_many([(address, COMPLAINT, self.policy.expiry(self._clock()))], tenant=tenant,
-                                       source=source)
-        return entry
+        return address if self.suppressed(tenant, address) is None else None
 
     async def soft_count(self, tenant: str, address: str) -> int:
         """Soft bounces counted for `address` in `tenant`'s mail within the window (tests, status)."""
