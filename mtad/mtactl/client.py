@@ -44,14 +44,15 @@ def load_config(path: str) -> Config:
         raise ClientError(problem if problem.startswith(path) else f"{path}: {problem}") from None
 
 
-def open_client(config_path: str) -> AdminClient:
-    """A client for the daemon that `config_path` configures, holding its admin token."""
+def open_client(config_path: str, *, timeout: float = TIMEOUT) -> AdminClient:
+    """A client for the daemon that `config_path` configures, holding its admin token.
+    `timeout`: how long one call may wait for the daemon's answer."""
     settings = load_config(config_path)
     try:
         token = read_admin_token(settings.server.spool_dir)
     except AdminTokenError as exc:
         raise ClientError(str(exc)) from None
-    return AdminClient(settings.http.admin_address, token)
+    return AdminClient(settings.http.admin_address, token, timeout)
 
 
 class _UnixConnection(http.client.HTTPConnection):

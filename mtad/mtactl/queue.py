@@ -15,6 +15,9 @@ from mtad.http import adminapi
 from mtad.mtactl import output
 from mtad.mtactl.client import open_client, queue_path
 
+LONG_TIMEOUT = 3600.0
+"""Seconds mtactl waits for operations that walk the whole queue (flush, summary)."""
+
 # Past-tense words for what a queue action did, for the text output.
 _DONE = {"hold": "held", "release": "released", "delete": "deleted"}
 
@@ -112,7 +115,9 @@ def run_action(args: argparse.Namespace) -> int:
 
 
 def run_flush(args: argparse.Namespace) -> int:
-    client = open_client(args.config)
+    # A flush of a whole queue rewrites every matching recipient before it answers (delivery
+    # starts at once, while it runs): give it time on a queue of hundreds of thousands.
+    client = open_client(args.config, timeout=LONG_TIMEOUT)
     if args.id:
         result = client.post(queue_path(args.id, "/flush"), adminapi.QueueActionResult, queue_id=args.id)
     elif args.domain:
@@ -132,7 +137,7 @@ def run_bounce(args: argparse.Namespace) -> int:
 
 
 def run_summary(args: argparse.Namespace) -> int:
-    client = open_client(args.config)
+    client = open_client(args.config, timeout=LONG_TIMEOUT)
     rows = client.lines(adminapi.SUMMARY, adminapi.DestinationRow)
     lines = (output.json_line(row) for row in rows) if args.json else output.summary_lines(list(rows))
     for line in lines:
