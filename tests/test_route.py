@@ -25,6 +25,7 @@ ZONE: Zone = {
     "mx2.example.test": {"A": ["127.0.0.12"], "AAAA": ["2001:db8::12"]},
     "mx3.example.test": {"A": ["127.0.0.13"]},
     "implicit.test": {"A": ["127.0.0.20"], "AAAA": ["2001:db8::20"]},
+    "xn--bcher-kva.test": {"MX": [(10, "mx1.example.test")]},  # bücher.test (SMTPUTF8 recipients)
     "nullmx.test": {"MX": [(0, ".")]},
     "halfnull.test": {"MX": [(0, "."), (10, "mx1.example.test")]},
     "nothing.test": {"TXT": ["v=spf1 -all"]},
@@ -144,6 +145,15 @@ async def test_implicit_mx_when_there_is_none(make: MakeRouter, server: DnsServe
     found = hops(await make().resolve("implicit.test"))
     assert found == [NextHop(host="implicit.test", port=25, addresses=["2001:db8::20", "127.0.0.20"], mx=False)]
     assert server.count("implicit.test", "MX") == 1
+
+
+@pytest.mark.asyncio
+async def test_internationalised_domain_is_looked_up_by_its_a_label(make: MakeRouter, server: DnsServer) -> None:
+    router = make()
+    assert router.destination_key("Bücher.Test.") == "xn--bcher-kva.test"
+    found = hops(await router.resolve("bücher.test"))
+    assert [hop.host for hop in found] == ["mx1.example.test"]
+    assert server.count("xn--bcher-kva.test", "MX") == 1
 
 
 @pytest.mark.asyncio

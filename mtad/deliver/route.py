@@ -51,6 +51,8 @@ from collections.abc import Iterable
 
 import msgspec
 
+from mtad.address import AddressError
+from mtad.address import normalize_domain as normalize_address_domain
 from mtad.config.endpoints import HostPort, normalize_domain, parse_hostport
 from mtad.config.schema import Route
 from mtad.deliver.outcome import Outcome, local
@@ -94,13 +96,13 @@ class Router:
         self._is_own.clear()
 
     def destination_key(self, domain: str) -> str:
-        """The route's "[host]:port" when a route matches, else the lowercased domain."""
-        name = domain.lower().rstrip(".")
+        """The route's "[host]:port" when a route matches, else the domain's lookup form."""
+        name = lookup_name(domain)
         return self._keys.get(name) or self._keys.get("*") or name
 
     async def resolve(self, domain: str) -> list[NextHop] | Outcome:
         """Next hops in the order to try them, or the Outcome for every recipient of the domain."""
-        name = domain.strip().lower().rstrip(".")
+        name = lookup_name(domain)
         route = self._routes.get(name) or self._routes.get("*")
         if route is not None:
             return await self._static(name, route)
@@ -218,6 +220,19 @@ class Router:
                          + "; ".join(_words(failure) for failure in failures), phase="dns")
         return local("deferred", "4.4.4", f"no MX host of {domain} has an address: "
                      + "; ".join(_words(failure) for failure in failures), phase="dns")
+
+
+def lookup_name(domain: str) -> str:
+    """A recipient domain as DNS and routes know it: lowercase, no trailing dot, and A-labels for
+    an internationalised (SMTPUTF8) domain. A name that is not valid stays as it is (its lookup
+    then fails as NXDOMAIN would)."""
+    name = domain.strip().rstrip(".")
+    if name.isascii():
+        return name.lower()
+    try:
+        return normalize_address_domain(name, smtputf8=True)
+    except AddressError:
+        return name.lower()
 
 
 def _loop(domain: str) -> Outcome:
