@@ -45,7 +45,7 @@ log = structlog.get_logger("mtad.daemon")
 
 # Keys SIGHUP cannot change in a running process; a change is logged, then needs a restart.
 _RESTART_KEYS = ("server.spool_dir", "server.hostname", "listener", "http", "spool", "dns", "log.mail_log",
-                 "bounces", "suppression")
+                 "bounces", "suppression", "route", "tls_policy", "mta_sts")
 
 
 class OperatorEvents:
@@ -268,7 +268,8 @@ def _keep_running(new: Config, running: Config) -> Config:
     delivery = msgspec.structs.replace(running.delivery, paused=new.delivery.paused)
     return msgspec.structs.replace(new, server=server, listener=running.listener, http=running.http,
                                    spool=running.spool, dns=running.dns, log=log_settings, delivery=delivery,
-                                   bounces=running.bounces, suppression=running.suppression)
+                                   bounces=running.bounces, suppression=running.suppression,
+                                   route=running.route, tls_policy=running.tls_policy, mta_sts=running.mta_sts)
 
 
 def _lookup(cfg: Config, dotted: str) -> Any:

@@ -226,6 +226,14 @@ def test_sighup_keeps_reporting_a_change_that_needs_a_restart(daemon: MtadProces
         assert client.ehlo("client.test")[1].split(b"\n")[0] == b"mx.test.local"
 
 
+def test_sighup_reports_routing_changes_as_needing_a_restart(daemon: MtadProcess) -> None:
+    original = daemon.config.read_text()
+    daemon.config.write_text(original + '\n[[route]]\ndomain = "*"\nnexthop = "127.0.0.1:2626"\n')
+    daemon.signal(signal.SIGHUP)
+    pending = wait_for(lambda: [r for r in daemon.records() if r.get("event") == "config.reload_needs_restart"])
+    assert pending[0]["keys"] == ["route"]
+
+
 def test_session_diagnostics_name_the_client_address(daemon: MtadProcess) -> None:
     # The diagnostic log uses the mail log's words: client_address and listener.
     with socket.create_connection(daemon.mx, timeout=10) as raw:
