@@ -31,6 +31,7 @@ from mtad.dkim import DkimSigner, key_dir_of, policy_of
 from mtad.events import Counters, Event, EventBus, EventType
 from mtad.http.admin import build_admin_app, ensure_admin_token
 from mtad.http.adminapi import DkimReloaded
+from mtad.http.metrics import Snapshot
 from mtad.http.public import build_public_app
 from mtad.http.server import HttpServer, HttpServerError
 from mtad.ingest import Ingest
@@ -121,6 +122,21 @@ class Daemon:
             reasons.append("shutting down")
         return (not reasons, {"reasons": reasons, "uptime": round(time.time() - self.started, 3)})
 
+    def metrics(self) -> Snapshot:
+        """What /metrics reports, read now (cheap: counters and O(1) reads)."""
+        snap = Snapshot(events=dict(self.counters.by_type), uptime=round(time.time() - self.started, 3),
+                        queued_messages=self.spool.count() if self.spool is not None else 0)
+        if self.spool is not None:
+            snap.spool_commits, snap.spool_writes = self.spool.commits, self.spool.committed_writes
+        if self.delivery is not None:
+            scheduler = self.delivery.scheduler
+            now = time.time()
+            snap.delivery_connections = scheduler.connections
+            snap.active_messages = len(scheduler.active)
+            snap.destinations = len(scheduler.queues)
+            snap.suspended_destinations = sum(q.suspended(now) for q in scheduler.queues.values())
+        return snap
+
     async def run(self) -> int:
         cfg = self.cfg
         asyncio.get_running_loop().set_exception_handler(_log_loop_exception)
@@ -155,7 +171,8 @@ class Daemon:
             )
             self.delivery = Delivery(cfg, self.spool, self.bus, ingest)
             public = HttpServer()
-            await public.start(build_public_app(health=self.health), cfg.http.address)
+            await public.start(build_public_app(health=self.health, metrics_source=self.metrics),
+                               cfg.http.address)
             self.http.append(public)
             admin = HttpServer()
             await admin.start(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import smtplib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,30 @@ def test_notify_success_to_a_server_without_dsn_gets_a_relayed_notice(tmp_path: 
             assert sum(t.sender == "" for t in peer.transactions) == 1  # none for silent@
         finally:
             proc.stop()
+
+
+def test_metrics_count_what_happened(tmp_path: Path, peer: Peer) -> None:
+    proc = start(tmp_path, domains=("example.test",), extra=route_to(peer) + fast_delivery())
+    try:
+        send(proc, ["one@example.test", "tempfail-two@example.test"])
+        wait_for(lambda: events(proc, "delivered") and events(proc, "deferred"))
+
+        def scrape() -> tuple[str, dict[str, float]]:
+            with urllib.request.urlopen(f"http://{proc.http}/metrics", timeout=10) as response:
+                assert response.status == 200
+                text = response.read().decode()
+                return response.headers["Content-Type"], {
+                    line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+                    for line in text.splitlines() if line and not line.startswith("#")}
+
+        content_type, samples = scrape()
+        assert content_type.startswith("text/plain; version=0.0.4")
+        assert samples['mtad_events_total{type="received"}'] == 1
+        assert samples['mtad_events_total{type="delivered"}'] == 1
+        assert samples['mtad_events_total{type="deferred"}'] >= 1
+        assert samples["mtad_queue_messages"] == 1  # tempfail-two waits
+        # The message, then its recipient state (written just after the events are published).
+        wait_for(lambda: scrape()[1]["mtad_spool_writes_total"] >= 2)
+        assert samples["mtad_delivery_destinations"] == 1
+    finally:
+        proc.stop()

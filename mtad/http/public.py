@@ -1,4 +1,4 @@
-"""The public HTTP app: `/healthz` now; the `/v1` API, tracking and `/metrics` join it later.
+"""The public HTTP app: `/healthz` and `/metrics` now; the `/v1` API and tracking join it later.
 
 `GET /healthz` answers 200 `{"status": "ok", ...}` when mtad can take mail (spool writable,
 listeners up) and 503 `{"status": "unavailable", "reasons": [...]}` when it cannot, so a load
@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from mtad.http import metrics
 from mtad.http.errors import error_middleware, json_response
 
 log = structlog.get_logger("mtad.http")
@@ -22,13 +23,23 @@ Health = Callable[[], tuple[bool, dict[str, Any]]]
 """Returns (healthy, details); details are merged into the answer, `reasons` when unhealthy."""
 
 _HEALTH_KEY: web.AppKey[Health] = web.AppKey("health")
+_METRICS_KEY: web.AppKey[metrics.Source] = web.AppKey("metrics")
 
 
-def build_public_app(*, health: Health) -> web.Application:
+def build_public_app(*, health: Health, metrics_source: metrics.Source | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[_HEALTH_KEY] = health
     app.router.add_get("/healthz", _healthz)
+    if metrics_source is not None:
+        app[_METRICS_KEY] = metrics_source
+        app.router.add_get("/metrics", _metrics)
     return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    text = metrics.render(request.app[_METRICS_KEY]())
+    return web.Response(body=text.encode("utf-8"), headers={"Content-Type": metrics.CONTENT_TYPE,
+                                                            "Cache-Control": "no-store"})
 
 
 def health_report(
