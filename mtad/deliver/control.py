@@ -18,9 +18,8 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 
 from mtad.deliver import outcome as outcomes
-from mtad.deliver.scheduler import Scheduler
+from mtad.deliver.scheduler import Scheduler, outcome_event
 from mtad.deliver.transitions import flushed
-from mtad.events import Event
 from mtad.records import QueuedMessage, Recipient
 
 _PAGE = 256
@@ -118,10 +117,8 @@ class Control:
         failed = outcomes.local("bounced", "5.0.0", text, scope="message", reason="onhold")
         now = self.clock()
         for recipient in recipients:
-            sched.publish(Event(type="bounced", time=now, queue_id=queue_id, sender=envelope.sender,
-                                recipients=[recipient.address], message_id=envelope.message_id,
-                                reply=failed.reply, attempts=recipient.attempts, status=failed.status,
-                                delay=round(now - envelope.arrival_time, 3), reason="operator"))
+            sched.publish(outcome_event("bounced", envelope, recipient, failed, now=now,
+                                        attempts=recipient.attempts, reason="operator"))
         await sched.send_dsn(envelope, [(r, failed, "") for r in recipients], "failed")
         if am is not None:
             sched.write_back(queue_id, am)  # the now empty list: removes the message

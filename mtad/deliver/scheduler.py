@@ -29,7 +29,7 @@ from mtad.deliver import outcome as outcomes
 from mtad.deliver.destq import DestinationQueue, Job, Windows
 from mtad.deliver.outcome import Outcome
 from mtad.deliver.transitions import DsnAction, Policy, after_outcome, due_now, rest
-from mtad.events import Event
+from mtad.events import Event, EventType
 from mtad.records import Envelope, QueuedMessage, Recipient
 from mtad.spool import Spool, SpoolError
 
@@ -140,7 +140,9 @@ class Scheduler:
                 self._dispatch(now)
             self.cycles += 1
             try:
-                await asyncio.wait_for(self._wake.wait(), self._sleep(now))
+                # A suspended destination holds no jobs (they wait in the due index until the
+                # suspension ends), so the rescan tick is the longest anything waits.
+                await asyncio.wait_for(self._wake.wait(), _RESCAN_EVERY)
             except TimeoutError:
                 pass
 
@@ -166,14 +168,6 @@ class Scheduler:
             am.deleted = am.deleted or deleted
 
     # --- pulling due work from the spool ---------------------------------------------------
-
-    def _sleep(self, now: float) -> float:
-        wait = _RESCAN_EVERY
-        for key in self._ready:
-            queue = self.queues[key]
-            if queue.suspended(now):
-                wait = min(wait, queue.suspended_until - now)
-        return max(0.001, wait)
 
     def _pull(self, now: float) -> None:
         while len(self.active) < self.active_limit:
@@ -289,13 +283,8 @@ class Scheduler:
                                    policy=self.policy, rand=self.rand,
                                    dsn_relayed=getattr(result, "dsn_relayed", True))
             am.recipients[index] = change.recipient
-            self.publish(Event(
-                type=change.event, time=now, queue_id=envelope.id, sender=envelope.sender,
-                recipients=[recipient.address], message_id=envelope.message_id, size=envelope.size,
-                reply=change.outcome.reply, relay=result.relay, attempts=recipient.attempts + 1,
-                delay=round(now - envelope.arrival_time, 3), reason=change.outcome.reason,
-                status=change.outcome.status, bounce_class=change.outcome.bounce_class,
-            ))
+            self.publish(outcome_event(change.event, envelope, recipient, change.outcome, now=now,
+                                       relay=result.relay, attempts=recipient.attempts + 1))
             if change.dsn:
                 dsns.setdefault(change.dsn, []).append((recipient, change.outcome, result.relay))
         for action, items in dsns.items():
@@ -358,6 +347,17 @@ class Scheduler:
             await self.send_dsn(envelope, items, action)
         except Exception:  # a DSN that cannot be queued is logged; delivery goes on
             log.exception("deliver.dsn_failed", queue_id=envelope.id, action=action)
+
+
+def outcome_event(kind: EventType, envelope: Envelope, recipient: Recipient, outcome: Outcome, *, now: float,
+                  relay: str = "", attempts: int = 0, reason: str = "") -> Event:
+    """The mail-log event of one recipient's outcome (delivered, deferred, bounced, expired)."""
+    return Event(
+        type=kind, time=now, queue_id=envelope.id, sender=envelope.sender, recipients=[recipient.address],
+        message_id=envelope.message_id, size=envelope.size, reply=outcome.reply, relay=relay,
+        attempts=attempts, delay=round(now - envelope.arrival_time, 3), reason=reason or outcome.reason,
+        status=outcome.status, bounce_class=outcome.bounce_class,
+    )
 
 
 def _resting(queue: DestinationQueue) -> str:

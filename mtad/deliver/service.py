@@ -100,8 +100,8 @@ class Delivery:
         self.scheduler.wake(rescan=True)
 
     def _on_event(self, event: Event) -> None:
-        if event.type == "received":
-            self.scheduler.wake()
+        if event.type == "received" and not self.scheduler.paused:
+            self.scheduler.wake()  # paused: reload() wakes it with a rescan
 
     # The admin API's queue hooks (held, released, deleted), beside the mail-log events.
     def held(self, queue_id: str) -> None:

@@ -92,11 +92,7 @@ async def _summary(request: web.Request) -> web.StreamResponse:
     encoder = msgspec.json.Encoder()
     lines = bytearray()
     for row in rows:
-        encoder.encode_into(adminapi.DestinationRow(
-            destination=row.destination, queued=row.queued, deferred=row.deferred, active=row.active,
-            oldest=row.oldest, last_error=row.last_error, suspended_until=row.suspended_until,
-            window=row.window,
-        ), lines, len(lines))
+        encoder.encode_into(msgspec.convert(row, adminapi.DestinationRow, from_attributes=True), lines, len(lines))
         lines += b"\n"
     await response.write(bytes(lines))
     await response.write_eof()
