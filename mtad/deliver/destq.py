@@ -26,6 +26,8 @@ class Job(msgspec.Struct, kw_only=True):
     """Positions in the scheduler's copy of the message's recipient list."""
     domain: str
     """A recipient domain of this job (they all share the destination): what the router resolves."""
+    key: str = ""
+    """The destination queue's key (also the connection pool's)."""
 
 
 class Windows(msgspec.Struct, frozen=True, kw_only=True):

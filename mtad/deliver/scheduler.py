@@ -204,7 +204,7 @@ class Scheduler:
                 continue
             for start in range(0, len(indexes), self.max_recipients):
                 batch = indexes[start : start + self.max_recipients]
-                queue.jobs.append(Job(queue_id=queue_id, indexes=batch, domain=domain))
+                queue.jobs.append(Job(queue_id=queue_id, indexes=batch, domain=domain, key=key))
                 am.jobs += 1
                 am.busy.update(batch)
             self._ready[key] = None

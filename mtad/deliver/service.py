@@ -127,7 +127,7 @@ class Delivery:
         if isinstance(route, Outcome):
             # The destination answered (it does not exist, or takes no mail) unless DNS failed.
             return AttemptResult(outcomes=[route] * len(recipients), relay="", connected=route.kind != "deferred")
-        key = self.router.destination_key(job.domain)
+        key = job.key or self.router.destination_key(job.domain)
         if self.verp:
             envelope = msgspec.structs.replace(envelope, sender=self.verp.return_path(envelope))
         return await self.outbound_tls.deliver(key, route, envelope, recipients, body, self.pool, self.settings)
